@@ -1,0 +1,151 @@
+"""Settings: one frozen dataclass, layered defaults < TOML file < HUBPROXY_* environment < CLI flags.
+
+Invariants: every setting has an embedded default that serves the real hub; each layer only
+overrides the keys it names; unknown keys and malformed values are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .handles import DEFAULT_UPSTREAMS, UPSTREAM_NAMES
+
+ENV_PREFIX = "HUBPROXY_"
+
+# The hosts today's chain redirects through: tfhub.dev → Kaggle → signed Google Cloud Storage URL.
+DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.com")
+
+
+class ConfigError(ValueError):
+    """A setting could not be read; the message is one line for the operator."""
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hubproxy")
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:8080"
+    cache_dir: str = field(default_factory=default_cache_dir)
+    upstreams: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_UPSTREAMS))
+    allow_redirect_hosts: tuple[str, ...] = DEFAULT_REDIRECT_HOSTS
+    retries: int = 3  # extra attempts after the first, on 429/5xx/connection errors
+    backoff_seconds: float = 0.5  # first retry delay; doubles each attempt
+    connect_timeout_seconds: float = 30.0
+    read_timeout_seconds: float = 120.0  # longest silence tolerated mid-body
+    log_level: str = "INFO"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the layers; `overrides` are CLI flags, None meaning 'not given'."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        _merge(values, _read_toml(Path(config_file)), source=str(config_file))
+    _merge(values, _from_environ(os.environ if environ is None else environ), source="environment")
+    _merge(values, {k: v for k, v in (overrides or {}).items() if v not in (None, (), [])}, source="flags")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    found = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            if key in _FIELDS:
+                found[key] = value
+    return found
+
+
+def _merge(values: dict[str, Any], layer: Mapping[str, Any], source: str) -> None:
+    for key, raw in layer.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r} in {source}")
+        value = _coerce(key, raw, source)
+        if key == "upstreams":
+            value = {**values.get("upstreams", DEFAULT_UPSTREAMS), **value}
+        values[key] = value
+
+
+def _coerce(key: str, raw: Any, source: str) -> Any:
+    kind = _FIELDS[key].type
+    try:
+        if key == "upstreams":
+            return _parse_upstreams(raw)
+        if key == "allow_redirect_hosts":
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(item.strip() for item in items if item.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value for {key} in {source}: {e}") from None
+
+
+def _parse_upstreams(raw: Any) -> dict[str, str]:
+    """Accepts {"tfhub": URL}, ["tfhub=URL", ...] or "tfhub=URL,gcs=URL"."""
+    if isinstance(raw, Mapping):
+        return {str(k): str(v) for k, v in raw.items()}
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    pairs = {}
+    for item in items:
+        name, sep, url = item.strip().partition("=")
+        if not sep:
+            raise ValueError(f"expected NAME=URL, got {item!r}")
+        pairs[name.strip()] = url.strip()
+    return pairs
+
+
+def _validate(settings: Settings) -> None:
+    for name, url in settings.upstreams.items():
+        if name not in UPSTREAM_NAMES:
+            raise ConfigError(f"unknown upstream {name!r}; known: {', '.join(UPSTREAM_NAMES)}")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream {name} must be an http(s) URL, got {url!r}")
+    try:
+        port = settings.listen_port
+    except ValueError:
+        raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen port out of range: {port}")
+    if settings.retries < 0 or settings.backoff_seconds < 0:
+        raise ConfigError("retries and backoff_seconds must not be negative")

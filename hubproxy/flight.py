@@ -1,0 +1,263 @@
+"""Single flight per key: one upstream fetch into a growing temp file that any number of readers tail.
+
+Invariants: at most one fetch per key at a time, and it runs to the end even if every reader
+leaves; an entry is committed only when the byte count and every checksum the origin gave match;
+readers never receive the final HOLDBACK bytes of an archive before it is verified, so a bad
+fetch always ends their stream short of a complete archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import aiohttp
+import google_crc32c
+
+from .handles import strip_query
+from .store import Entry, Store
+from .upstream import Evidence, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 256 * 1024
+# The tar end-of-archive marker is encoded in the last few hundred bytes of a .tar.gz; while a
+# reader lacks them, tensorflow_hub cannot finish extracting, so it fails if we then hang up.
+HOLDBACK = 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class FlightFailed(Exception):
+    """The fetch failed; `status` is what a client that has not yet had headers should see."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class _Digests:
+    """sha256 always; md5 and crc32c when the origin gave them to check against."""
+
+    def __init__(self, evidence: Evidence):
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False) if evidence.md5 is not None else None
+        self.crc32c = google_crc32c.Checksum() if evidence.crc32c is not None else None
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+        if self.crc32c is not None:
+            self.crc32c.update(data)
+
+    def mismatch(self, evidence: Evidence) -> str | None:
+        if self.md5 is not None and self.md5.digest() != evidence.md5:
+            return "md5"
+        if self.crc32c is not None and int.from_bytes(self.crc32c.digest(), "big") != evidence.crc32c:
+            return "crc32c"
+        return None
+
+
+class Flight:
+    def __init__(self, key: str, url: str, store: Store, upstream: Upstream,
+                 on_done: Callable[["Flight"], None]):
+        self.key = key
+        self.url = url
+        self.state = State.CONNECTING
+        self.evidence: Evidence | None = None
+        self.entry: Entry | None = None
+        self.error: FlightFailed | None = None
+        self.written = 0
+        self._store = store
+        self._upstream = upstream
+        self._on_done = on_done
+        self._readers = 0
+        self._read_fd: int | None = None
+        self._temp: Path | None = None
+        self._wave = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(), name=f"flight {key}")
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        self._readers += 1
+
+    def detach(self) -> None:
+        self._readers -= 1
+        self._close_read_fd_if_unused()
+
+    async def ready(self) -> None:
+        """Return once bytes are flowing (headers for clients are known), or raise FlightFailed."""
+        while self.state is State.CONNECTING:
+            await asyncio.shield(self._wave)
+        if self.state is State.FAILED:
+            raise self.error
+
+    async def chunks(self, offset: int = 0) -> AsyncIterator[bytes]:
+        """The archive's bytes as they arrive; raises FlightFailed if the fetch goes bad."""
+        await self.ready()
+        while True:
+            limit = self._sendable()
+            if offset < limit:
+                data = await asyncio.to_thread(os.pread, self._read_fd, min(CHUNK_SIZE, limit - offset), offset)
+                offset += len(data)
+                yield data
+            elif self.state is State.COMMITTED:
+                return
+            elif self.state is State.FAILED:
+                raise self.error
+            else:
+                await asyncio.shield(self._wave)
+
+    def _sendable(self) -> int:
+        if self.state is State.COMMITTED:
+            return self.written
+        if self.state is State.STREAMING:
+            return max(0, self.written - HOLDBACK)
+        return 0
+
+    def _notify(self) -> None:
+        wave, self._wave = self._wave, asyncio.get_running_loop().create_future()
+        wave.set_result(None)
+
+    def _close_read_fd_if_unused(self) -> None:
+        if self._readers == 0 and self.state in (State.COMMITTED, State.FAILED) and self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
+    # -- the fetch -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        write_fd = None
+        try:
+            response = await self._upstream.open(self.url)
+            with contextlib.closing(response):
+                self.evidence = Evidence.from_headers(response.headers)
+                _refuse_unverifiable(self.evidence)
+                write_fd, self._temp = self._store.new_temp_file()
+                self._read_fd = os.open(self._temp, os.O_RDONLY)
+                digests = _Digests(self.evidence)
+                await self._stream(response, write_fd, digests)
+            os.close(write_fd)
+            write_fd = None
+            self._check(digests)
+            self.entry = await asyncio.to_thread(
+                self._store.commit, self.key, self._temp, digests.sha256.hexdigest(), self.written,
+                etag=self.evidence.etag, content_type=self.evidence.content_type,
+                source=strip_query(self.url))
+            self.state = State.COMMITTED
+            log.info("committed %s: %d bytes, sha256 %s", self.key, self.written, self.entry.sha256)
+        except UpstreamError as e:
+            self._fail(FlightFailed(e.status, e.message))
+        except FlightFailed as e:
+            self._fail(e)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            self._fail(FlightFailed(502, f"upstream transfer broke after {self.written} bytes: {type(e).__name__}"))
+        except asyncio.CancelledError:
+            self._fail(FlightFailed(503, "hubproxy is shutting down"))
+            raise
+        except Exception as e:  # a bug or a disk error must still end every reader's stream
+            log.exception("flight %s crashed", self.key)
+            self._fail(FlightFailed(500, f"internal error while fetching: {type(e).__name__}"))
+        finally:
+            if write_fd is not None:
+                os.close(write_fd)
+            if self.state is not State.COMMITTED and self._temp is not None:
+                self._store.discard(self._temp)
+            self._on_done(self)
+            self._notify()
+            self._close_read_fd_if_unused()
+
+    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int, digests: _Digests) -> None:
+        head = b""
+        async for data in response.content.iter_chunked(CHUNK_SIZE):
+            if self.state is State.CONNECTING:
+                head += data
+                if len(head) < len(GZIP_MAGIC):
+                    continue
+                if not head.startswith(GZIP_MAGIC):
+                    raise FlightFailed(502, "upstream did not send a gzip archive")
+                data, head = head, b""
+                self.state = State.STREAMING
+            await asyncio.to_thread(_write_all, write_fd, data, digests)
+            self.written += len(data)
+            self._notify()
+        if self.state is State.CONNECTING:
+            raise FlightFailed(502, "upstream sent an empty or too short body")
+
+    def _check(self, digests: _Digests) -> None:
+        expected = self.evidence.content_length
+        if expected is not None and self.written != expected:
+            raise FlightFailed(502, f"upstream sent {self.written} of {expected} bytes")
+        bad = digests.mismatch(self.evidence)
+        if bad:
+            raise FlightFailed(502, f"upstream bytes do not match its own {bad} checksum")
+
+    def _fail(self, error: FlightFailed) -> None:
+        self.state = State.FAILED
+        self.error = error
+        log.warning("fetch of %s failed: %s", self.key, error.message)
+
+
+def _refuse_unverifiable(evidence: Evidence) -> None:
+    if evidence.content_type.split(";")[0].strip().lower() == "text/html":
+        raise FlightFailed(502, "upstream answered with an HTML page, not a model archive")
+    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None:
+        raise FlightFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
+
+
+def _write_all(fd: int, data: bytes, digests: _Digests) -> None:
+    digests.update(data)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Flights:
+    """The registry of fetches under way, keyed by cache key."""
+
+    def __init__(self, store: Store, upstream: Upstream):
+        self._store = store
+        self._upstream = upstream
+        self._active: dict[str, Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    @contextlib.asynccontextmanager
+    async def join(self, key: str, url: str) -> AsyncIterator[tuple[Flight, bool]]:
+        """Attach to the fetch for key, starting it if none runs; yields (flight, joined_existing)."""
+        flight = self._active.get(key)
+        joined = flight is not None
+        if flight is None:
+            flight = Flight(key, url, self._store, self._upstream, on_done=self._finished)
+            self._active[key] = flight
+        flight.attach()
+        try:
+            yield flight, joined
+        finally:
+            flight.detach()
+
+    def _finished(self, flight: Flight) -> None:
+        if self._active.get(flight.key) is flight:
+            del self._active[flight.key]
+
+    async def close(self) -> None:
+        tasks = [flight._task for flight in self._active.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,112 @@
+"""Hub handles: request path ↔ upstream URL ↔ cache key ↔ tensorflow_hub cache name.
+
+Invariants: pure functions, no I/O; a Handle only ever holds path segments from a strict
+alphabet (no '.', '..', '%', '\\' or empty segments), so no handle can name a file or a host;
+the cache key never contains a query string, so signed URLs never become keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+TFHUB, KAGGLE, GCS = "tfhub", "kaggle", "gcs"
+UPSTREAM_NAMES = (TFHUB, KAGGLE, GCS)
+
+DEFAULT_UPSTREAMS = {
+    TFHUB: "https://tfhub.dev",
+    KAGGLE: "https://www.kaggle.com",
+    GCS: "https://storage.googleapis.com",
+}
+
+FORMAT_PARAM = "tf-hub-format"
+COMPRESSED = "compressed"
+
+MAX_PATH_LENGTH = 512
+MAX_SEGMENTS = 16
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+# Path prefixes that name which upstream a handle belongs to; everything else is tfhub.dev.
+_ROUTES = (
+    ("api/v1/models/", KAGGLE),
+    ("models/", KAGGLE),
+    ("tfhub-modules/", GCS),
+    ("kaggle-models-data/", GCS),
+)
+
+
+class BadHandle(ValueError):
+    """The request does not name a hub archive; the message is one line for the client."""
+
+
+@dataclass(frozen=True)
+class Handle:
+    upstream: str  # one of UPSTREAM_NAMES
+    path: str  # "/google/x/1", validated, never percent-encoded
+
+    @property
+    def key(self) -> str:
+        """Index key: which upstream and which path; two spellings of a model are two keys."""
+        return f"{self.upstream}:{self.path}"
+
+    def upstream_url(self, base_url: str) -> str:
+        """The URL that fetches this handle's archive from the upstream at base_url."""
+        url = base_url.rstrip("/") + self.path
+        if self.upstream == GCS or self.path.endswith("/download"):
+            return url
+        return f"{url}?{FORMAT_PARAM}={COMPRESSED}"
+
+
+def parse_request_target(raw_target: str) -> Handle:
+    """Parse an origin-form request target ("/google/x/1?tf-hub-format=compressed")."""
+    if not raw_target.startswith("/"):
+        raise BadHandle("only origin-form request targets are accepted; this is not an open proxy")
+    raw_path, _, raw_query = raw_target.partition("?")
+    _check_query(raw_query)
+    return Handle(upstream=route(raw_path), path=_normalise_path(raw_path))
+
+
+def route(path: str) -> str:
+    """Which upstream serves a mirror path."""
+    relative = path.lstrip("/")
+    for prefix, upstream in _ROUTES:
+        if relative.startswith(prefix):
+            return upstream
+    return TFHUB
+
+
+def _check_query(raw_query: str) -> None:
+    for name, value in urllib.parse.parse_qsl(raw_query, keep_blank_values=True):
+        if name == FORMAT_PARAM and value != COMPRESSED:
+            raise BadHandle(f"only {FORMAT_PARAM}={COMPRESSED} archives are mirrored, not {value!r}")
+
+
+def _normalise_path(raw_path: str) -> str:
+    if len(raw_path) > MAX_PATH_LENGTH:
+        raise BadHandle(f"handle longer than {MAX_PATH_LENGTH} characters")
+    if "%" in raw_path or "\\" in raw_path:
+        raise BadHandle("handles contain no percent-encoded characters or backslashes")
+    segments = raw_path.strip("/").split("/")
+    if segments == [""]:
+        raise BadHandle("empty handle: ask for /<publisher>/<model>/<version>")
+    if len(segments) > MAX_SEGMENTS:
+        raise BadHandle(f"handle has more than {MAX_SEGMENTS} path segments")
+    for segment in segments:
+        if not _SEGMENT.fullmatch(segment):
+            raise BadHandle(f"invalid handle segment {segment[:40]!r}")
+    if len(segments) < 2:
+        raise BadHandle("a handle has at least a publisher and a model: /<publisher>/<model>/<version>")
+    return "/" + "/".join(segments)
+
+
+def tfhub_cache_name(handle_as_typed: str) -> str:
+    """The directory name tensorflow_hub uses under TFHUB_CACHE_DIR: sha1 of the handle as typed."""
+    return hashlib.sha1(handle_as_typed.encode("utf8")).hexdigest()
+
+
+def strip_query(url: str) -> str:
+    """A URL fit for logs and the index: signed URLs carry their secret in the query."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

@@ -1,0 +1,206 @@
+"""The HTTP face: hub routes answer from the store (HIT), a running fetch (JOIN) or a new one (MISS).
+
+Invariants: a streamed (MISS/JOIN) response ends with its terminating chunk only after the
+archive is verified and committed, otherwise the connection is cut; a HIT never contacts
+upstream; this module asks handles/store/flights and never builds a file path itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import re
+
+from aiohttp import web
+
+from .config import Settings
+from .flight import FlightFailed, Flights
+from .handles import BadHandle, Handle, parse_request_target
+from .store import Entry, Store
+from .upstream import Evidence, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+X_CACHE = "X-Cache"
+HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
+_SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+STORE = web.AppKey("store", Store)
+FLIGHTS = web.AppKey("flights", Flights)
+UPSTREAM = web.AppKey("upstream", Upstream)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[_refuse_absolute_targets], handler_args={"max_field_size": 8190})
+    app[SETTINGS] = settings
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/{tail:.*}", hub)
+    app.cleanup_ctx.append(_components)
+    return app
+
+
+async def _components(app: web.Application):
+    settings = app[SETTINGS]
+    store = Store(settings.cache_path)
+    removed = store.clear_temp()
+    if removed:
+        log.info("removed %d temp files left by interrupted fetches", removed)
+    upstream = Upstream(settings)
+    await upstream.start()
+    app[STORE], app[UPSTREAM] = store, upstream
+    app[FLIGHTS] = Flights(store, upstream)
+    yield
+    await app[FLIGHTS].close()
+    await upstream.close()
+    store.close()
+
+
+@web.middleware
+async def _refuse_absolute_targets(request: web.Request, handler):
+    if not request.raw_path.startswith("/"):
+        return _error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def hub(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        return _error(405, f"method {request.method} is not allowed; hub archives are read-only",
+                      headers={"Allow": "GET, HEAD"})
+    try:
+        handle = parse_request_target(request.raw_path)
+    except BadHandle as e:
+        return _error(400, str(e))
+    range_problem = _range_problem(request.headers.get("Range"))
+    if range_problem:
+        return _error(400, range_problem)
+    entry = request.app[STORE].lookup(handle.key)
+    if entry is not None:
+        return await _serve_hit(request, entry)
+    if request.method == "HEAD":
+        return await _head_upstream(request, handle)
+    return await _serve_flight(request, handle)
+
+
+# -- HIT -------------------------------------------------------------------------------------
+
+class _BlobResponse(web.FileResponse):
+    """FileResponse (sendfile, Range, HEAD) whose ETag is the blob's sha256, not mtime-size."""
+
+    def __init__(self, path, sha256: str, **kwargs):
+        super().__init__(path, **kwargs)
+        self._sha256_etag = sha256
+
+    @property
+    def etag(self):
+        return web.StreamResponse.etag.fget(self)
+
+    @etag.setter
+    def etag(self, _ignored):
+        web.StreamResponse.etag.fset(self, self._sha256_etag)
+
+
+async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
+    store = request.app[STORE]
+    store.record_hit(entry)
+    headers = {X_CACHE: HIT, "Repr-Digest": _repr_digest(entry.sha256), "Cache-Control": "public, max-age=31536000, immutable"}
+    if _matches(request.headers.get("If-None-Match"), entry.sha256):
+        return web.Response(status=304, headers={**headers, "ETag": f'"{entry.sha256}"'})
+    if request.headers.get("If-Range") and not _matches(request.headers["If-Range"], entry.sha256):
+        request = request.clone(headers=_without(request.headers, "Range", "If-Range"))
+    # Our own ETag rules above replace FileResponse's mtime-based conditionals.
+    request = request.clone(headers=_without(request.headers, "If-None-Match", "If-Match",
+                                             "If-Modified-Since", "If-Unmodified-Since", "If-Range",
+                                             "Accept-Encoding"))
+    headers["Content-Type"] = entry.content_type
+    return _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
+
+
+def _repr_digest(sha256_hex: str) -> str:
+    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
+
+
+def _matches(header: str | None, sha256: str) -> bool:
+    if not header:
+        return False
+    tags = [tag.strip().removeprefix("W/").strip('"') for tag in header.split(",")]
+    return "*" in tags or sha256 in tags
+
+
+def _without(headers, *names: str):
+    drop = {name.lower() for name in names}
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+def _range_problem(value: str | None) -> str | None:
+    """A one-line reason when a Range header is malformed; None when absent or usable."""
+    if value is None:
+        return None
+    if "," in value:
+        return "multiple ranges are not supported; ask for one byte range"
+    match = _SINGLE_RANGE.fullmatch(value.strip())
+    if not match or match.groups() == ("", ""):
+        return f"malformed Range header {value[:60]!r}; expected bytes=START-END"
+    start, end = match.groups()
+    if start and end and int(end) < int(start):
+        return f"malformed Range header {value[:60]!r}: end before start"
+    return None
+
+
+# -- MISS / JOIN -----------------------------------------------------------------------------
+
+async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
+    # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
+    # are cut from verified blobs only.
+    flights = request.app[FLIGHTS]
+    url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
+    async with flights.join(handle.key, url) as (flight, joined):
+        try:
+            await flight.ready()
+        except FlightFailed as e:
+            return _error(e.status, e.message)
+        response = web.StreamResponse(headers={
+            X_CACHE: JOIN if joined else MISS,
+            "Content-Type": flight.evidence.content_type,
+        })
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            async with contextlib.aclosing(flight.chunks()) as chunks:
+                async for data in chunks:
+                    await response.write(data)
+        except FlightFailed as e:
+            log.warning("cutting %s short for a client: %s", handle.key, e.message)
+            _cut(request)
+            return response
+        await response.write_eof()
+        return response
+
+
+def _cut(request: web.Request) -> None:
+    """End the connection without the terminating chunk, so the client sees an incomplete body."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _head_upstream(request: web.Request, handle: Handle) -> web.Response:
+    url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
+    try:
+        upstream_response = await request.app[UPSTREAM].open(url, method="HEAD")
+    except UpstreamError as e:
+        return _error(e.status, e.message)
+    with contextlib.closing(upstream_response):
+        evidence = Evidence.from_headers(upstream_response.headers)
+    headers = {X_CACHE: MISS, "Content-Type": evidence.content_type}
+    if evidence.content_length is not None:
+        headers["Content-Length"] = str(evidence.content_length)
+    return web.Response(status=200, headers=headers)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, text=message + "\n", headers=headers)

@@ -1,0 +1,237 @@
+"""Shared harness: the origin emulator, hubproxy and the real tensorflow_hub client, each a real
+process on 127.0.0.1, plus tiny real SavedModel archives built with TensorFlow at session start."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+_unique = itertools.count(1)
+
+
+# -- the origin emulator ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Model:
+    handle: str  # tfhub path, "google/t1/1"
+    owner: str
+    model: str
+    framework: str
+    variation: str
+    version: str
+    object: str  # GCS object path
+    file: str
+
+    @property
+    def kaggle_path(self) -> str:
+        return (f"/models/{self.owner}/{self.model}/frameworks/{self.framework}"
+                f"/variations/{self.variation}/versions/{self.version}")
+
+    @property
+    def kaggle_download_path(self) -> str:
+        return (f"/api/v1/models/{self.owner}/{self.model}/{self.framework}"
+                f"/{self.variation}/{self.version}/download")
+
+
+class Origin:
+    def __init__(self, urls: dict[str, str]):
+        self.urls = urls
+
+    def control(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.urls['tfhub']}/_control/{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def register(self, archive: Path, *, public_bucket: bool = False) -> Model:
+        n = next(_unique)
+        name = f"model{n}"
+        obj = f"tfhub-modules/google/{name}/1.tar.gz" if public_bucket else f"kaggle-models-data/{1000 + n}/{name}.tar.gz"
+        model = Model(handle=f"google/{name}/1", owner="google", model=name, framework="tensorFlow2",
+                      variation="default", version="1", object=obj, file=str(archive))
+        self.control("POST", "models", dataclasses.asdict(model))
+        return model
+
+    def faults(self, model: Model, **switches) -> None:
+        self.control("POST", "faults", {"object": model.object, **switches})
+
+    def requests(self, site: str | None = None, path: str | None = None) -> list[dict]:
+        log = self.control("GET", "requests")["requests"]
+        return [r for r in log if (site is None or r["site"] == site) and (path is None or r["path"] == path)]
+
+    def object_gets(self, model: Model) -> int:
+        return len([r for r in self.requests("gcs", "/" + model.object) if r["method"] == "GET"])
+
+    def wait_held(self, count: int) -> None:
+        self.control("GET", f"wait_held?count={count}&timeout=60")
+
+    def release(self) -> None:
+        self.control("POST", "release", {})
+
+
+def _start_origin(ports_file: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(TESTS / "origin.py"), "--ports-file", str(ports_file)])
+    deadline = time.monotonic() + 30
+    while not ports_file.exists():  # process start-up, not a test event: nothing to wait on but the file
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the origin emulator did not start")
+        time.sleep(0.05)
+    return process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory):
+    ports_file = tmp_path_factory.mktemp("origin") / "ports.json"
+    process = _start_origin(ports_file)
+    yield Origin(json.loads(ports_file.read_text()))
+    _stop(process)
+
+
+@pytest.fixture(autouse=False)
+def clean_origin(origin):
+    origin.control("POST", "reset", {})
+    yield origin
+    origin.control("POST", "faults", {"clear": True})
+    origin.release()
+
+
+# -- models ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Archives:
+    small: Path  # ~4 KB, output x*2+1
+    padded: Path  # ~4 MiB, output x*3+1, two 2 MiB incompressible assets as its last members
+
+    @staticmethod
+    def expected(archive: Path) -> list[float]:
+        k = 2.0 if archive.name.startswith("small") else 3.0
+        return [1.0 * k + 1.0, 2.0 * k + 1.0]
+
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory) -> Archives:
+    out = tmp_path_factory.mktemp("archives")
+    subprocess.run([sys.executable, str(TESTS / "savedmodels.py"), str(out), "small=2", "padded=3:2"],
+                   check=True, stdout=subprocess.DEVNULL, env=_quiet_env())
+    return Archives(small=out / "small.tar.gz", padded=out / "padded.tar.gz")
+
+
+# -- hubproxy --------------------------------------------------------------------------------
+
+class Proxy:
+    def __init__(self, process: subprocess.Popen, url: str, cache_dir: Path, log: Path):
+        self.process, self.url, self.cache_dir, self.log = process, url, cache_dir, log
+
+    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+        return http_request(self.url + path, headers=headers, method=method)
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+def start_proxy(origin: Origin, cache_dir: Path, *extra: str, upstreams: dict | None = None) -> Proxy:
+    upstreams = upstreams or {name: origin.urls[name] for name in ("tfhub", "kaggle", "gcs")}
+    log = cache_dir.parent / f"{cache_dir.name}-proxy-{next(_unique)}.log"
+    args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
+            "--backoff-seconds", "0.01", *extra]
+    for name, url in upstreams.items():
+        args += ["--upstream", f"{name}={url}"]
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=ROOT)
+    line = process.stdout.readline()  # blocks until the proxy listens, or it exits
+    if "listening on " not in line:
+        _stop(process)
+        raise RuntimeError(f"hubproxy did not start: {line!r}\n{log.read_text()}")
+    url = line.split("listening on ")[1].split()[0]
+    return Proxy(process, url, cache_dir, log)
+
+
+@pytest.fixture
+def proxy_factory(origin, tmp_path):
+    started = []
+
+    def start(cache_dir: Path | None = None, *extra: str, **kwargs) -> Proxy:
+        proxy = start_proxy(origin, cache_dir or tmp_path / "cache", *extra, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory, clean_origin) -> Proxy:
+    return proxy_factory()
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+def _quiet_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def hub_load(handle: str, tfhub_cache_dir: Path) -> subprocess.CompletedProcess:
+    """Load a model with the real tensorflow_hub client in its own process."""
+    return subprocess.run([sys.executable, str(TESTS / "hub_client.py"), handle], capture_output=True, text=True,
+                          timeout=600, env=_quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir)))
+
+
+def loaded_output(result: subprocess.CompletedProcess) -> list[float]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def model_dirs(tfhub_cache_dir: Path) -> list[Path]:
+    """Directories tensorflow_hub would treat as a cached model (any non-empty directory)."""
+    if not tfhub_cache_dir.exists():
+        return []
+    return [p for p in tfhub_cache_dir.iterdir() if p.is_dir() and any(p.iterdir()) and not p.name.endswith(".tmp")]
+
+
+def http_request(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
+    """Send exact bytes (targets no client library would send) and parse the response."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request_bytes)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
