@@ -104,6 +104,13 @@ class _BlobResponse(web.FileResponse):
     def etag(self, _ignored):
         web.StreamResponse.etag.fset(self, self._sha256_etag)
 
+    async def prepare(self, request):
+        # We prepare with a request whose conditionals we already handled; aiohttp then calls
+        # prepare again with the original one, which must not send the file twice.
+        if self.prepared:
+            return self._payload_writer
+        return await super().prepare(request)
+
 
 async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
     store = request.app[STORE]
@@ -118,7 +125,9 @@ async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
                                              "If-Modified-Since", "If-Unmodified-Since", "If-Range",
                                              "Accept-Encoding"))
     headers["Content-Type"] = entry.content_type
-    return _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
+    response = _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
+    await response.prepare(request)
+    return response
 
 
 def _repr_digest(sha256_hex: str) -> str:
@@ -174,11 +183,12 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
             async with contextlib.aclosing(flight.chunks()) as chunks:
                 async for data in chunks:
                     await response.write(data)
+            await response.write_eof()
         except FlightFailed as e:
             log.warning("cutting %s short for a client: %s", handle.key, e.message)
             _cut(request)
-            return response
-        await response.write_eof()
+        except ConnectionResetError:
+            log.info("client left during %s; the fetch goes on", handle.key)
         return response
 
 

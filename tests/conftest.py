@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ class Proxy:
     def __init__(self, process: subprocess.Popen, url: str, cache_dir: Path, log: Path):
         self.process, self.url, self.cache_dir, self.log = process, url, cache_dir, log
 
-    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, Message, bytes]:
         return http_request(self.url + path, headers=headers, method=method)
 
     def stop(self) -> None:
@@ -218,13 +219,14 @@ def model_dirs(tfhub_cache_dir: Path) -> list[Path]:
     return [p for p in tfhub_cache_dir.iterdir() if p.is_dir() and any(p.iterdir()) and not p.name.endswith(".tmp")]
 
 
-def http_request(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+def http_request(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, Message, bytes]:
+    """(status, case-insensitive headers, body); 4xx/5xx are returned, not raised."""
     request = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
@@ -235,3 +237,22 @@ def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
         response = http.client.HTTPResponse(sock)
         response.begin()
         return response.status, response.read()
+
+
+def compressed_offset_of_member(archive: Path, member: str) -> int:
+    """The shortest prefix of a .tar.gz whose decompressed bytes reach `member`'s header: a
+    download cut there ends exactly at a tar member boundary."""
+    import tarfile
+    import zlib
+
+    with tarfile.open(archive, "r:gz") as tar:
+        header_offset = tar.getmember(member).offset
+    data = archive.read_bytes()
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    produced = 0
+    for cut in range(16, len(data), 16):
+        produced += len(inflater.decompress(data[cut - 16:cut]))
+        if produced >= header_offset:
+            assert produced < header_offset + 512, "prefix must not contain the next header"
+            return cut
+    raise AssertionError(f"{member} not reached")

@@ -1,0 +1,84 @@
+"""Cached archives are served from disk with the HTTP semantics download tools rely on."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+
+@pytest.fixture
+def cached(proxy, origin, archives):
+    model = origin.register(archives.padded)
+    path = f"/{model.handle}?tf-hub-format=compressed"
+    status, headers, _ = proxy.get(path)
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+    body = archives.padded.read_bytes()
+    return proxy, path, body, hashlib.sha256(body).hexdigest()
+
+
+def test_hit_carries_length_etag_digest_and_ranges(cached, origin):
+    proxy, path, body, sha256 = cached
+    requests_before = len(origin.requests())
+
+    status, headers, received = proxy.get(path)
+
+    assert (status, headers["X-Cache"]) == (200, "HIT")
+    assert received == body
+    assert headers["Content-Length"] == str(len(body))
+    assert headers["ETag"] == f'"{sha256}"'
+    assert headers["Repr-Digest"] == "sha-256=:" + base64.b64encode(bytes.fromhex(sha256)).decode() + ":"
+    assert headers["Accept-Ranges"] == "bytes"
+    assert len(origin.requests()) == requests_before
+
+
+def test_head_on_hit_sends_headers_only(cached):
+    proxy, path, body, sha256 = cached
+    status, headers, received = proxy.get(path, method="HEAD")
+    assert (status, received) == (200, b"")
+    assert headers["Content-Length"] == str(len(body))
+    assert headers["ETag"] == f'"{sha256}"'
+
+
+@pytest.mark.parametrize("spec, start, end", [("bytes=0-99", 0, 100), ("bytes=1000-", 1000, None),
+                                              ("bytes=-500", -500, None)])
+def test_single_range_gives_206(cached, spec, start, end):
+    proxy, path, body, _ = cached
+    status, headers, received = proxy.get(path, headers={"Range": spec})
+    assert status == 206
+    assert received == body[start:end]
+    assert headers["Content-Range"].endswith(f"/{len(body)}")
+
+
+def test_unsatisfiable_range_gives_416(cached):
+    proxy, path, body, _ = cached
+    status, headers, _ = proxy.get(path, headers={"Range": f"bytes={len(body) + 10}-"})
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(body)}"
+
+
+@pytest.mark.parametrize("spec", ["bytes=abc", "items=0-1", "bytes=9-3", "bytes=-", "bytes=0-1,5-9"])
+def test_malformed_range_is_refused_with_a_reason(cached, spec):
+    proxy, path, _, _ = cached
+    status, _, reason = proxy.get(path, headers={"Range": spec})
+    assert status == 400
+    assert b"Range" in reason or b"range" in reason
+    assert reason.count(b"\n") == 1
+
+
+def test_if_none_match_with_the_sha256_gives_304(cached):
+    proxy, path, _, sha256 = cached
+    status, headers, received = proxy.get(path, headers={"If-None-Match": f'"{sha256}"'})
+    assert (status, received) == (304, b"")
+    assert headers["ETag"] == f'"{sha256}"'
+    status, _, _ = proxy.get(path, headers={"If-None-Match": '"something-else"'})
+    assert status == 200
+
+
+def test_if_range_with_a_stale_etag_gives_the_whole_archive(cached):
+    proxy, path, body, sha256 = cached
+    status, _, received = proxy.get(path, headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+    assert (status, received) == (200, body)
+    status, _, received = proxy.get(path, headers={"Range": "bytes=0-9", "If-Range": f'"{sha256}"'})
+    assert (status, received) == (206, body[:10])

@@ -1,0 +1,67 @@
+"""Many clients asking for one cold archive at once must cost one upstream fetch, and every client
+must stream while that fetch runs (following the growing file), not wait for it to end."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import threading
+
+from tests.conftest import Proxy
+
+CLIENTS = 16
+HOLD_AT = 3 * 1024 * 1024  # the origin pauses here; hubproxy may pass on all but its last MiB
+
+
+def _open(proxy: Proxy, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    connection = http.client.HTTPConnection(proxy.url.removeprefix("http://"), timeout=120)
+    connection.request("GET", path)
+    return connection, connection.getresponse()
+
+
+def test_sixteen_cold_clients_share_one_fetch_and_stream_live(proxy, origin, archives):
+    model = origin.register(archives.padded)
+    origin.faults(model, hold_after=HOLD_AT)
+    streaming = threading.Barrier(CLIENTS + 1, timeout=120)
+    outcomes: dict[int, tuple[str, str]] = {}
+
+    def client(n: int) -> None:
+        _, response = _open(proxy, f"/{model.handle}?tf-hub-format=compressed")
+        first_bytes = response.read(64 * 1024)  # arrives while the origin is still paused
+        streaming.wait()
+        body = first_bytes + response.read()
+        outcomes[n] = (response.headers["X-Cache"], hashlib.sha256(body).hexdigest())
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()  # every client has headers and body bytes; the origin has not finished
+    origin.release()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    expected = hashlib.sha256(archives.padded.read_bytes()).hexdigest()
+    assert sorted(cache for cache, _ in outcomes.values()) == ["JOIN"] * (CLIENTS - 1) + ["MISS"]
+    assert {digest for _, digest in outcomes.values()} == {expected}
+    assert origin.object_gets(model) == 1
+
+
+def test_fetch_completes_and_is_cached_when_the_first_client_hangs_up(proxy, origin, archives):
+    model = origin.register(archives.padded)
+    origin.faults(model, hold_after=HOLD_AT)
+    path = f"/{model.handle}?tf-hub-format=compressed"
+
+    connection, quitter = _open(proxy, path)
+    assert quitter.headers["X-Cache"] == "MISS"
+    quitter.read(64 * 1024)
+    quitter.close()
+    connection.close()  # hangs up mid-transfer
+    origin.wait_held(1)
+    origin.release()
+
+    status, headers, body = proxy.get(path)  # joins the fetch still running, or hits its result
+    assert status == 200 and headers["X-Cache"] in ("JOIN", "HIT")
+    assert body == archives.padded.read_bytes()
+    status, headers, _ = proxy.get(path, method="HEAD")
+    assert headers["X-Cache"] == "HIT"
+    assert origin.object_gets(model) == 1

@@ -1,0 +1,47 @@
+"""An upstream transfer cut short must never reach tensorflow_hub as a complete archive.
+
+The hazard is real: tensorflow_hub reads with urllib (no error on a body shorter than its
+Content-Length) and ends tar extraction quietly at a member boundary, then trusts the directory for
+ever. The first test shows that against the origin directly; the rest show hubproxy stops it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs
+
+
+def test_premise_direct_download_cut_at_member_boundary_is_silently_accepted(clean_origin, archives, tmp_path):
+    origin = clean_origin
+    model = origin.register(archives.padded)
+    origin.faults(model, truncate_at=compressed_offset_of_member(archives.padded, "assets/pad-b.bin"))
+
+    result = hub_load(f"{origin.urls['tfhub']}/{model.handle}", tmp_path / "tfhub")
+
+    assert loaded_output(result) == archives.expected(archives.padded)  # "success"...
+    [cached] = model_dirs(tmp_path / "tfhub")
+    assert not (cached / "assets" / "pad-b.bin").exists()  # ...with a file missing, cached for ever
+
+
+@pytest.mark.parametrize("where", ["member-boundary", "early", "tiny-archive"])
+def test_cut_upstream_makes_the_client_fail_and_caches_nothing(proxy, origin, archives, tmp_path, where):
+    archive = archives.small if where == "tiny-archive" else archives.padded
+    model = origin.register(archive)
+    cut = {"member-boundary": lambda: compressed_offset_of_member(archive, "assets/pad-b.bin"),
+           "early": lambda: 100_000,
+           "tiny-archive": lambda: archive.stat().st_size - 100}[where]()
+    origin.faults(model, truncate_at=cut)
+    handle = f"{proxy.url}/{model.handle}"
+
+    failed = hub_load(handle, tmp_path / "tfhub")
+
+    assert failed.returncode != 0
+    assert model_dirs(tmp_path / "tfhub") == []
+    assert not any(p.is_file() for p in (proxy.cache_dir / "blobs").rglob("*"))
+    assert not any((proxy.cache_dir / "tmp").iterdir())
+
+    origin.faults(model, truncate_at=None)
+    healed = hub_load(handle, tmp_path / "tfhub")
+    assert loaded_output(healed) == archives.expected(archive)
+    assert origin.object_gets(model) == 2, "the next request must fetch afresh"
