@@ -12,6 +12,7 @@ import signal
 
 import click
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
@@ -40,11 +41,27 @@ def main() -> None:
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted."""
     settings = _settings_or_exit(config_file, flags)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings.log_level)
     try:
         asyncio.run(_serve(settings))
     except OSError as e:
         raise click.ClickException(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_one_line_bad_requests)
+
+
+def _one_line_bad_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs a traceback for every malformed request; a client's mistake deserves one line,
+    without the offending bytes (they may hold a client's credentials)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "refused a malformed request: %s (%s)", (type(error).__name__, error.code)
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _settings_or_exit(config_file, flags) -> Settings:

@@ -169,14 +169,12 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
     flights = request.app[FLIGHTS]
     url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
     async with flights.join(handle.key, url) as (flight, joined):
+        outcome = JOIN if joined else MISS
         try:
             await flight.ready()
         except FlightFailed as e:
-            return _error(e.status, e.message)
-        response = web.StreamResponse(headers={
-            X_CACHE: JOIN if joined else MISS,
-            "Content-Type": flight.evidence.content_type,
-        })
+            return _error(e.status, e.message, headers={X_CACHE: outcome})
+        response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
         response.enable_chunked_encoding()
         await response.prepare(request)
         try:
@@ -203,7 +201,7 @@ async def _head_upstream(request: web.Request, handle: Handle) -> web.Response:
     try:
         upstream_response = await request.app[UPSTREAM].open(url, method="HEAD")
     except UpstreamError as e:
-        return _error(e.status, e.message)
+        return _error(e.status, e.message, headers={X_CACHE: MISS})
     with contextlib.closing(upstream_response):
         evidence = Evidence.from_headers(upstream_response.headers)
     headers = {X_CACHE: MISS, "Content-Type": evidence.content_type}

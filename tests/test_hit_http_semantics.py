@@ -82,3 +82,14 @@ def test_if_range_with_a_stale_etag_gives_the_whole_archive(cached):
     assert (status, received) == (200, body)
     status, _, received = proxy.get(path, headers={"Range": "bytes=0-9", "If-Range": f'"{sha256}"'})
     assert (status, received) == (206, body[:10])
+
+
+def test_head_on_a_miss_asks_upstream_without_downloading(proxy, origin, archives):
+    model = origin.register(archives.padded)
+
+    status, headers, body = proxy.get(f"/{model.handle}", method="HEAD")
+
+    assert (status, headers["X-Cache"], body) == (200, "MISS", b"")
+    assert headers["Content-Length"] == str(archives.padded.stat().st_size)
+    assert origin.object_gets(model) == 0
+    assert not any(p.is_file() for p in (proxy.cache_dir / "blobs").rglob("*"))

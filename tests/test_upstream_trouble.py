@@ -6,8 +6,8 @@ import pytest
 
 
 def test_unknown_model_is_a_404_with_the_upstream_reason(proxy):
-    status, _, reason = proxy.get("/google/no-such-model/1")
-    assert status == 404
+    status, headers, reason = proxy.get("/google/no-such-model/1")
+    assert (status, headers["X-Cache"]) == (404, "MISS")
     assert b"not found upstream" in reason
 
 

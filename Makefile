@@ -1,0 +1,8 @@
+# Shortcuts for the README's commands.
+.PHONY: serve test
+
+serve:
+	python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/hubproxy serve
+
+test:
+	python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest
