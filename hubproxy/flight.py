@@ -21,6 +21,7 @@ import aiohttp
 import google_crc32c
 
 from .handles import strip_query
+from .metrics import Metrics
 from .store import Entry, Store
 from .upstream import Evidence, Upstream, UpstreamError
 
@@ -49,7 +50,7 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-class _Digests:
+class Digests:
     """sha256 always; md5 and crc32c when the origin gave them to check against."""
 
     def __init__(self, evidence: Evidence):
@@ -146,11 +147,12 @@ class Flight:
         try:
             response = await self._upstream.open(self.url)
             with contextlib.closing(response):
+                source = strip_query(str(response.url))  # the final hop, without its signature
                 self.evidence = Evidence.from_headers(response.headers)
                 _refuse_unverifiable(self.evidence)
                 write_fd, self._temp = self._store.new_temp_file()
                 self._read_fd = os.open(self._temp, os.O_RDONLY)
-                digests = _Digests(self.evidence)
+                digests = Digests(self.evidence)
                 await self._stream(response, write_fd, digests)
             os.close(write_fd)
             write_fd = None
@@ -158,7 +160,7 @@ class Flight:
             self.entry = await asyncio.to_thread(
                 self._store.commit, self.key, self._temp, digests.sha256.hexdigest(), self.written,
                 etag=self.evidence.etag, content_type=self.evidence.content_type,
-                source=strip_query(self.url))
+                source=source)
             self.state = State.COMMITTED
             log.info("committed %s: %d bytes, sha256 %s", self.key, self.written, self.entry.sha256)
         except UpstreamError as e:
@@ -182,7 +184,7 @@ class Flight:
             self._notify()
             self._close_read_fd_if_unused()
 
-    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int, digests: _Digests) -> None:
+    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int, digests: Digests) -> None:
         head = b""
         async for data in response.content.iter_chunked(CHUNK_SIZE):
             if self.state is State.CONNECTING:
@@ -199,7 +201,7 @@ class Flight:
         if self.state is State.CONNECTING:
             raise FlightFailed(502, "upstream sent an empty or too short body")
 
-    def _check(self, digests: _Digests) -> None:
+    def _check(self, digests: Digests) -> None:
         expected = self.evidence.content_length
         if expected is not None and self.written != expected:
             raise FlightFailed(502, f"upstream sent {self.written} of {expected} bytes")
@@ -220,7 +222,7 @@ def _refuse_unverifiable(evidence: Evidence) -> None:
         raise FlightFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
 
 
-def _write_all(fd: int, data: bytes, digests: _Digests) -> None:
+def _write_all(fd: int, data: bytes, digests: Digests) -> None:
     digests.update(data)
     view = memoryview(data)
     while view:
@@ -230,9 +232,10 @@ def _write_all(fd: int, data: bytes, digests: _Digests) -> None:
 class Flights:
     """The registry of fetches under way, keyed by cache key."""
 
-    def __init__(self, store: Store, upstream: Upstream):
+    def __init__(self, store: Store, upstream: Upstream, metrics: Metrics):
         self._store = store
         self._upstream = upstream
+        self._metrics = metrics
         self._active: dict[str, Flight] = {}
 
     def __len__(self) -> int:
@@ -246,15 +249,21 @@ class Flights:
         if flight is None:
             flight = Flight(key, url, self._store, self._upstream, on_done=self._finished)
             self._active[key] = flight
+            self._metrics.flights_in_progress.inc()
         flight.attach()
+        self._metrics.flight_readers.inc()
         try:
             yield flight, joined
         finally:
             flight.detach()
+            self._metrics.flight_readers.dec()
 
     def _finished(self, flight: Flight) -> None:
         if self._active.get(flight.key) is flight:
             del self._active[flight.key]
+            self._metrics.flights_in_progress.dec()
+        if flight.error is not None:
+            self._metrics.upstream_failures.labels(str(flight.error.status)).inc()
 
     async def close(self) -> None:
         tasks = [flight._task for flight in self._active.values()]

@@ -17,6 +17,7 @@ from aiohttp import web
 from .config import Settings
 from .flight import FlightFailed, Flights
 from .handles import BadHandle, Handle, parse_request_target
+from .metrics import Metrics
 from .store import Entry, Store
 from .upstream import Evidence, Upstream, UpstreamError
 
@@ -30,12 +31,15 @@ STORE = web.AppKey("store", Store)
 FLIGHTS = web.AppKey("flights", Flights)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[_refuse_absolute_targets], handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", hub)
     app.cleanup_ctx.append(_components)
     return app
@@ -50,7 +54,7 @@ async def _components(app: web.Application):
     upstream = Upstream(settings)
     await upstream.start()
     app[STORE], app[UPSTREAM] = store, upstream
-    app[FLIGHTS] = Flights(store, upstream)
+    app[FLIGHTS] = Flights(store, upstream, app[METRICS])
     yield
     await app[FLIGHTS].close()
     await upstream.close()
@@ -66,6 +70,11 @@ async def _refuse_absolute_targets(request: web.Request, handler):
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    return web.Response(body=registry.exposition(), headers={"Content-Type": registry.content_type})
 
 
 async def hub(request: web.Request) -> web.StreamResponse:
@@ -113,6 +122,7 @@ class _BlobResponse(web.FileResponse):
 
 
 async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
+    request.app[METRICS].requests.labels(HIT).inc()
     store = request.app[STORE]
     store.record_hit(entry)
     headers = {X_CACHE: HIT, "Repr-Digest": _repr_digest(entry.sha256), "Cache-Control": "public, max-age=31536000, immutable"}
@@ -170,6 +180,7 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
     url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
     async with flights.join(handle.key, url) as (flight, joined):
         outcome = JOIN if joined else MISS
+        request.app[METRICS].requests.labels(outcome).inc()
         try:
             await flight.ready()
         except FlightFailed as e:
@@ -197,6 +208,7 @@ def _cut(request: web.Request) -> None:
 
 
 async def _head_upstream(request: web.Request, handle: Handle) -> web.Response:
+    request.app[METRICS].requests.labels(MISS).inc()
     url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
     try:
         upstream_response = await request.app[UPSTREAM].open(url, method="HEAD")

@@ -153,6 +153,24 @@ class Proxy:
     def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, Message, bytes]:
         return http_request(self.url + path, headers=headers, method=method)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from GET /metrics (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        _, _, text = self.get("/metrics")
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return 0.0
+
+    def wait_for_metric(self, name: str, value: float, timeout: float = 300) -> None:
+        """Wait for an event the proxy reports, e.g. N clients attached to a fetch."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         _stop(self.process)
 
@@ -203,8 +221,18 @@ def _quiet_env(**extra: str) -> dict:
 
 def hub_load(handle: str, tfhub_cache_dir: Path) -> subprocess.CompletedProcess:
     """Load a model with the real tensorflow_hub client in its own process."""
-    return subprocess.run([sys.executable, str(TESTS / "hub_client.py"), handle], capture_output=True, text=True,
-                          timeout=600, env=_quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir)))
+    return subprocess.run(_hub_client_args(handle), capture_output=True, text=True, timeout=600,
+                          env=_quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir)))
+
+
+def hub_load_started(handle: str, tfhub_cache_dir: Path) -> subprocess.Popen:
+    """hub_load, started in the background; .communicate() it."""
+    return subprocess.Popen(_hub_client_args(handle), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir)))
+
+
+def _hub_client_args(handle: str) -> list[str]:
+    return [sys.executable, str(TESTS / "hub_client.py"), handle]
 
 
 def loaded_output(result: subprocess.CompletedProcess) -> list[float]:

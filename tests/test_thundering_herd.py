@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import subprocess
 import threading
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, hub_load_started, loaded_output
 
 CLIENTS = 16
 HOLD_AT = 3 * 1024 * 1024  # the origin pauses here; hubproxy may pass on all but its last MiB
@@ -65,3 +66,28 @@ def test_fetch_completes_and_is_cached_when_the_first_client_hangs_up(proxy, ori
     status, headers, _ = proxy.get(path, method="HEAD")
     assert headers["X-Cache"] == "HIT"
     assert origin.object_gets(model) == 1
+
+
+def test_sixteen_real_hub_clients_load_from_one_fetch(proxy, origin, archives, tmp_path):
+    model = origin.register(archives.padded)
+    origin.faults(model, hold_after=HOLD_AT)
+    handle = f"{proxy.url}/{model.handle}"
+
+    clients = [hub_load_started(handle, tmp_path / f"tfhub-{n}") for n in range(CLIENTS)]
+    try:
+        proxy.wait_for_metric("hubproxy_flight_readers", CLIENTS)  # all attached, the origin still paused
+        origin.release()
+        results = [_finish(client) for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+
+    for result in results:
+        assert loaded_output(result) == archives.expected(archives.padded)
+    assert origin.object_gets(model) == 1
+    assert proxy.metric("hubproxy_requests_total", outcome="JOIN") == CLIENTS - 1
+
+
+def _finish(client: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = client.communicate(timeout=600)
+    return subprocess.CompletedProcess(client.args, client.returncode, out, err)

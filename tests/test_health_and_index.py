@@ -1,0 +1,52 @@
+"""Operational basics: health, metrics moving with traffic, the console script, and what the index records."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from hubproxy.store import Store
+
+
+def test_healthz_answers_while_serving(proxy):
+    status, _, body = proxy.get("/healthz")
+    assert (status, body) == (200, b"ok\n")
+
+
+def test_metrics_count_outcomes(proxy, origin, archives):
+    model = origin.register(archives.small)
+    proxy.get(f"/{model.handle}")
+    proxy.get(f"/{model.handle}")
+    proxy.get(f"/{model.handle}")
+    assert proxy.metric("hubproxy_requests_total", outcome="MISS") == 1
+    assert proxy.metric("hubproxy_requests_total", outcome="HIT") == 2
+    assert proxy.metric("hubproxy_flights_in_progress") == 0
+
+
+def test_index_records_what_operators_need(proxy, origin, archives):
+    model = origin.register(archives.small)
+    body = archives.small.read_bytes()
+    for _ in range(3):
+        proxy.get(f"/{model.handle}")
+
+    store = Store(proxy.cache_dir)
+    try:
+        entry = store.lookup(f"tfhub:/{model.handle}")
+    finally:
+        store.close()
+
+    assert entry.sha256 == hashlib.sha256(body).hexdigest()
+    assert entry.size == len(body)
+    assert entry.etag == f'"{hashlib.md5(body).hexdigest()}"'
+    assert entry.content_type == "application/octet-stream"
+    assert entry.hits == 2
+    assert entry.fetched <= entry.last_access
+    assert "?" not in entry.source and entry.source.endswith(model.object)
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("hubproxy")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "hubproxy" in result.stdout
