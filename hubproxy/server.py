@@ -176,9 +176,7 @@ def _range_problem(value: str | None) -> str | None:
 async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
     # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
     # are cut from verified blobs only.
-    flights = request.app[FLIGHTS]
-    url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
-    async with flights.join(handle.key, url) as (flight, joined):
+    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle)) as (flight, joined):
         outcome = JOIN if joined else MISS
         request.app[METRICS].requests.labels(outcome).inc()
         try:
@@ -209,9 +207,8 @@ def _cut(request: web.Request) -> None:
 
 async def _head_upstream(request: web.Request, handle: Handle) -> web.Response:
     request.app[METRICS].requests.labels(MISS).inc()
-    url = handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
     try:
-        upstream_response = await request.app[UPSTREAM].open(url, method="HEAD")
+        upstream_response = await request.app[UPSTREAM].open(_upstream_url(request, handle), method="HEAD")
     except UpstreamError as e:
         return _error(e.status, e.message, headers={X_CACHE: MISS})
     with contextlib.closing(upstream_response):
@@ -220,6 +217,10 @@ async def _head_upstream(request: web.Request, handle: Handle) -> web.Response:
     if evidence.content_length is not None:
         headers["Content-Length"] = str(evidence.content_length)
     return web.Response(status=200, headers=headers)
+
+
+def _upstream_url(request: web.Request, handle: Handle) -> str:
+    return handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
