@@ -7,6 +7,7 @@ upstream; this module asks handles/store/flights and never builds a file path it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 X_CACHE = "X-Cache"
 HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+HIT_WRITE_SECONDS = 5.0
 
 STORE = web.AppKey("store", Store)
 FLIGHTS = web.AppKey("flights", Flights)
@@ -35,7 +37,7 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[_refuse_absolute_targets], handler_args={"max_field_size": 8190})
+    app = web.Application(handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
@@ -55,17 +57,20 @@ async def _components(app: web.Application):
     await upstream.start()
     app[STORE], app[UPSTREAM] = store, upstream
     app[FLIGHTS] = Flights(store, upstream, app[METRICS])
+    hit_writer = asyncio.create_task(_write_hits_periodically(store))
     yield
+    hit_writer.cancel()
     await app[FLIGHTS].close()
     await upstream.close()
     store.close()
 
 
-@web.middleware
-async def _refuse_absolute_targets(request: web.Request, handler):
-    if not request.raw_path.startswith("/"):
-        return _error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
-    return await handler(request)
+async def _write_hits_periodically(store: Store) -> None:
+    """Hits are counted in memory and written in batches: an index write per hit would cost
+    more than serving a cached HEAD."""
+    while True:
+        await asyncio.sleep(HIT_WRITE_SECONDS)
+        await asyncio.to_thread(store.write_hits, store.take_hits())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -81,6 +86,8 @@ async def hub(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return _error(405, f"method {request.method} is not allowed; hub archives are read-only",
                       headers={"Allow": "GET, HEAD"})
+    if not request.raw_path.startswith("/"):
+        return _error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
     try:
         handle = parse_request_target(request.raw_path)
     except BadHandle as e:
@@ -124,10 +131,15 @@ class _BlobResponse(web.FileResponse):
 async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
     request.app[METRICS].requests.labels(HIT).inc()
     store = request.app[STORE]
-    store.record_hit(entry)
-    headers = {X_CACHE: HIT, "Repr-Digest": _repr_digest(entry.sha256), "Cache-Control": "public, max-age=31536000, immutable"}
+    store.record_hit(entry.key)
+    headers = {X_CACHE: HIT, "ETag": f'"{entry.sha256}"', "Repr-Digest": _repr_digest(entry.sha256),
+               "Cache-Control": "public, max-age=31536000, immutable"}
     if _matches(request.headers.get("If-None-Match"), entry.sha256):
-        return web.Response(status=304, headers={**headers, "ETag": f'"{entry.sha256}"'})
+        return web.Response(status=304, headers=headers)
+    if request.method == "HEAD" and "Range" not in request.headers:
+        return web.Response(headers={**headers, "Content-Type": entry.content_type, "Accept-Ranges": "bytes",
+                                     "Content-Length": str(entry.size)})
+    del headers["ETag"]  # FileResponse sets it, through _BlobResponse
     if request.headers.get("If-Range") and not _matches(request.headers["If-Range"], entry.sha256):
         request = request.clone(headers=_without(request.headers, "Range", "If-Range"))
     # Our own ETag rules above replace FileResponse's mtime-based conditionals.

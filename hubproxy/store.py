@@ -18,6 +18,8 @@ from pathlib import Path
 import diskcache
 
 _HEX = set("0123456789abcdef")
+MEMO_SECONDS = 2.0
+MEMO_ENTRIES = 65536
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ class Store:
         for directory in (self.blobs, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
         self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
+        self._memo: dict[str, tuple[Entry, float]] = {}  # key → (entry, valid until, monotonic)
+        self._pending_hits: dict[str, tuple[int, float]] = {}  # key → (hits, last access)
 
     def close(self) -> None:
+        self.write_hits(self.take_hits())
         self._index.close()
 
     def clear_temp(self) -> int:
@@ -62,18 +67,48 @@ class Store:
         return self.blobs / sha256[:2] / sha256
 
     def lookup(self, key: str) -> Entry | None:
-        """The entry for key if its blob is present."""
-        raw = self._index.get(key)
-        if raw is None:
-            return None
-        entry = Entry(**raw)
-        if not self.blob_path(entry.sha256).is_file():
+        """The entry for key if its blob is present. Index reads are memoised for MEMO_SECONDS,
+        so changes made by another process show within that time."""
+        now = time.monotonic()
+        memo = self._memo.get(key)
+        if memo is not None and memo[1] > now:
+            entry = memo[0]
+        else:
+            raw = self._index.get(key)
+            if raw is None:
+                self._memo.pop(key, None)
+                return None
+            entry = Entry(**raw)
+            self._remember(entry, now)
+        if not os.path.isfile(self.blob_path(entry.sha256)):
             return None
         return entry
 
-    def record_hit(self, entry: Entry) -> None:
-        updated = dataclasses.replace(entry, hits=entry.hits + 1, last_access=time.time())
-        self._index.set(entry.key, dataclasses.asdict(updated))
+    def _remember(self, entry: Entry, now: float) -> None:
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[entry.key] = (entry, now + MEMO_SECONDS)
+
+    def record_hit(self, key: str) -> None:
+        """Count a hit in memory; take_hits + write_hits put the counts in the index."""
+        hits, _ = self._pending_hits.get(key, (0, 0.0))
+        self._pending_hits[key] = (hits + 1, time.time())
+
+    def take_hits(self) -> dict[str, tuple[int, float]]:
+        pending, self._pending_hits = self._pending_hits, {}
+        return pending
+
+    def write_hits(self, pending: dict[str, tuple[int, float]]) -> None:
+        """Add counted hits to the index in one transaction; blocking, run it in a thread."""
+        if not pending:
+            return
+        with self._index.transact():
+            for key, (hits, last_access) in pending.items():
+                raw = self._index.get(key)
+                if raw is not None:
+                    raw["hits"] += hits
+                    raw["last_access"] = max(raw["last_access"], last_access)
+                    self._index.set(key, raw)
 
     def new_temp_file(self) -> tuple[int, Path]:
         """An open, writable temp file inside the cache root: (fd, path)."""
@@ -81,20 +116,24 @@ class Store:
         return fd, Path(name)
 
     def commit(self, key: str, temp_path: Path, sha256: str, size: int, *,
-               etag: str | None, content_type: str, source: str) -> Entry:
-        """Move a verified temp file into place and index it; blocking, run it in a thread."""
+               etag: str | None, content_type: str, source: str, durable: bool = True) -> Entry:
+        """Move a verified temp file into place and index it; blocking, run it in a thread.
+        `durable=False` skips the fsyncs (bulk imports that are re-verified afterwards)."""
         blob = self.blob_path(sha256)
         blob.parent.mkdir(exist_ok=True)
         if blob.is_file() and blob.stat().st_size == size:
             temp_path.unlink()  # the same bytes are already stored under another key
         else:
-            _fsync_file(temp_path)
+            if durable:
+                _fsync_file(temp_path)
             os.replace(temp_path, blob)
-            _fsync_dir(blob.parent)
+            if durable:
+                _fsync_dir(blob.parent)
         now = time.time()
         entry = Entry(key=key, sha256=sha256, size=size, etag=etag, content_type=content_type,
                       source=source, fetched=now, last_access=now)
         self._index.set(key, dataclasses.asdict(entry))
+        self._remember(entry, time.monotonic())
         return entry
 
     def discard(self, temp_path: Path) -> None:

@@ -30,6 +30,7 @@ def test_index_records_what_operators_need(proxy, origin, archives):
     body = archives.small.read_bytes()
     for _ in range(3):
         proxy.get(f"/{model.handle}")
+    proxy.stop()  # hits are written in batches, and at shutdown
 
     store = Store(proxy.cache_dir)
     try:

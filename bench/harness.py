@@ -1,0 +1,198 @@
+"""The servers a benchmark compares, each a real process on 127.0.0.1: the origin emulator, hubproxy,
+and nginx (Debian package) as a proxy_cache mirror of the same origin; plus /proc readings.
+
+Invariants: every server listens on loopback only; every process started here is stopped by the
+context manager that started it; nothing here measures, it only starts, stops and reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.origin_control import Origin, start_origin, stop_process  # noqa: E402
+
+# Debian package → the program it provides.
+DEBIAN_PACKAGES = {"nginx": "/usr/sbin/nginx", "wrk": "/usr/bin/wrk", "curl": "/usr/bin/curl",
+                   "apache2-utils": "/usr/bin/ab"}
+
+
+class SetupError(RuntimeError):
+    """The machine lacks something the benchmark needs; the message says what."""
+
+
+def ensure_debian_packages() -> None:
+    """Install nginx, wrk, ab and curl from Debian's packages when missing (needs root and apt-get)."""
+    missing = [name for name, path in DEBIAN_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SetupError(f"install {' '.join(missing)} (Debian packages) first: the benchmark needs them")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running server: its base URL and the process (with its children) whose CPU and memory it uses."""
+
+    name: str
+    url: str
+    pid: int
+
+    def pids(self) -> list[int]:
+        return [self.pid, *_children(self.pid)]
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self.pids())
+
+    def peak_rss_bytes(self) -> int:
+        """Sum over its processes of each one's peak resident set (VmHWM)."""
+        return sum(_status_kib(pid, "VmHWM") * 1024 for pid in self.pids())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
+    ports = workdir / "origin-ports.json"
+    ports.unlink(missing_ok=True)
+    control, process = start_origin(ports)
+    try:
+        yield control, Server("direct", control.urls["gcs"], process.pid)
+    finally:
+        stop_process(process)
+
+
+@contextlib.contextmanager
+def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
+    args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
+            "--log-level", "WARNING"]
+    for name in ("tfhub", "kaggle", "gcs"):
+        args += ["--upstream", f"{name}={origin_control.urls[name]}"]
+    log = cache_dir.parent / f"{cache_dir.name}.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=ROOT)
+    try:
+        line = process.stdout.readline()
+        if "listening on " not in line:
+            raise SetupError(f"hubproxy did not start: {log.read_text()[-2000:]}")
+        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid)
+    finally:
+        stop_process(process)
+
+
+NGINX_CONF = """\
+{user}worker_processes auto;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/client_temp;
+    proxy_temp_path {prefix}/proxy_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=hub:64m max_size=200g inactive=365d use_temp_path=off;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass {origin};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache hub;
+            proxy_cache_key $uri;
+            proxy_cache_valid 200 365d;
+            proxy_cache_lock on;
+            proxy_buffering on;
+            add_header X-Cache $upstream_cache_status;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(origin_url: str, prefix: Path) -> Iterator[Server]:
+    """nginx as a careful operator would run it in front of the origin: proxy_cache with its lock."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, origin=origin_url,
+                                      user="user root;\n" if os.geteuid() == 0 else ""))
+    process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_port(port, process)
+        yield Server("nginx", f"http://127.0.0.1:{port}", process.pid)
+    finally:
+        stop_process(process)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen) -> None:
+    for _ in range(200):
+        if process.poll() is not None:
+            raise SetupError("nginx did not start: " + textwrap.shorten(process.stderr.read(), 400))
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.05)
+    raise SetupError(f"nginx did not listen on port {port}")
+
+
+def make_archive(path: Path, size: int) -> Path:
+    """A stand-in archive of `size` bytes: gzip magic, then incompressible filler (made once)."""
+    if path.exists() and path.stat().st_size == size:
+        return path
+    block = os.urandom(8 << 20)
+    with path.open("wb") as f:
+        f.write(b"\x1f\x8b")
+        remaining = size - 2
+        while remaining > 0:
+            piece = block[: min(len(block), remaining)]
+            f.write(piece)
+            remaining -= len(piece)
+    return path
