@@ -190,6 +190,7 @@ def herd(ctx: Context) -> list[Metric]:
     p50 = Metric("herd", "joiner time to first byte, p50", "ms")
     p99 = Metric("herd", "joiner time to first byte, p99", "ms", target=Target("<=", 100))
     done = Metric("herd", "all clients done ÷ one direct download", "×", target=Target("<=", 1.1))
+    floor = Metric("herd", "same herd once cached (the machine's delivery floor) ÷ one direct download", "×")
     throttle = {"throttle_bps": plan.herd_rate}
     for _ in range(plan.reps):
         alone = _fetch(ctx, ctx.direct, ctx.cold_object(archive, **throttle), archive, 1).wall
@@ -202,8 +203,9 @@ def herd(ctx: Context) -> list[Metric]:
             p50.add(server.name, 1000 * _percentile(joiners, 50))
             p99.add(server.name, 1000 * _percentile(joiners, 99))
             done.add(server.name, fleet.wall / alone)
+            floor.add(server.name, _fetch(ctx, server, path, archive, n).wall / alone)
             ctx.herd_ttfb[server.name] = [d.ttfb for d in sorted(fleet.downloads, key=lambda d: d.started)]
-    return [gets, p50, p99, done]
+    return [gets, p50, p99, done, floor]
 
 
 def _percentile(values: list[float], pct: float) -> float:

@@ -128,11 +128,12 @@ class _BlobResponse(web.FileResponse):
         return await super().prepare(request)
 
 
-async def _serve_hit(request: web.Request, entry: Entry) -> web.StreamResponse:
-    request.app[METRICS].requests.labels(HIT).inc()
+async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse:
     store = request.app[STORE]
-    store.record_hit(entry.key)
-    headers = {X_CACHE: HIT, "ETag": f'"{entry.sha256}"', "Repr-Digest": _repr_digest(entry.sha256),
+    if outcome == HIT:
+        request.app[METRICS].requests.labels(HIT).inc()
+        store.record_hit(entry.key)
+    headers = {X_CACHE: outcome, "ETag": f'"{entry.sha256}"', "Repr-Digest": _repr_digest(entry.sha256),
                "Cache-Control": "public, max-age=31536000, immutable"}
     if _matches(request.headers.get("If-None-Match"), entry.sha256):
         return web.Response(status=304, headers=headers)
@@ -195,13 +196,13 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
             await flight.ready()
         except FlightFailed as e:
             return _error(e.status, e.message, headers={X_CACHE: outcome})
+        if request.version < (1, 1):
+            return await _serve_when_committed(request, flight)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
         response.enable_chunked_encoding()
         await response.prepare(request)
         try:
-            async with contextlib.aclosing(flight.chunks()) as chunks:
-                async for data in chunks:
-                    await response.write(data)
+            await _send_chunked(request, flight)
             await response.write_eof()
         except FlightFailed as e:
             log.warning("cutting %s short for a client: %s", handle.key, e.message)
@@ -209,6 +210,32 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
         except ConnectionResetError:
             log.info("client left during %s; the fetch goes on", handle.key)
         return response
+
+
+async def _send_chunked(request: web.Request, flight) -> None:
+    """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
+    through Python). The terminating chunk is left to the caller: it is the promise of a
+    complete, verified archive."""
+    loop = asyncio.get_running_loop()
+    with flight.open_file() as archive:
+        async with contextlib.aclosing(flight.spans()) as spans:
+            async for start, length in spans:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                transport.write(b"%x\r\n" % length)
+                await loop.sendfile(transport, archive, start, length)
+                transport.write(b"\r\n")
+
+
+async def _serve_when_committed(request: web.Request, flight) -> web.StreamResponse:
+    """HTTP/1.0 has no chunked encoding to withhold the end with: such clients wait for the
+    verified archive and get it with a Content-Length, like a hit."""
+    try:
+        entry = await flight.finished()
+    except FlightFailed as e:
+        return _error(e.status, e.message, headers={X_CACHE: MISS})
+    return await _serve_hit(request, entry, outcome=MISS)
 
 
 def _cut(request: web.Request) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import diskcache
 
-_HEX = set("0123456789abcdef")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MEMO_SECONDS = 2.0
 MEMO_ENTRIES = 65536
 
@@ -40,6 +41,7 @@ class Store:
         self.root = Path(root).expanduser().resolve()
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
+        self._blobs_prefix = f"{self.blobs}/"
         for directory in (self.blobs, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
         self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
@@ -62,26 +64,26 @@ class Store:
         return removed
 
     def blob_path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not set(sha256) <= _HEX:
+        return Path(self._blob_file(sha256))
+
+    def _blob_file(self, sha256: str) -> str:
+        if not _SHA256_HEX.fullmatch(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
-        return self.blobs / sha256[:2] / sha256
+        return f"{self._blobs_prefix}{sha256[:2]}/{sha256}"
 
     def lookup(self, key: str) -> Entry | None:
-        """The entry for key if its blob is present. Index reads are memoised for MEMO_SECONDS,
-        so changes made by another process show within that time."""
+        """The entry for key if its blob is present. Index reads (and the blob's presence) are
+        memoised for MEMO_SECONDS, so changes made by another process show within that time."""
         now = time.monotonic()
         memo = self._memo.get(key)
         if memo is not None and memo[1] > now:
-            entry = memo[0]
-        else:
-            raw = self._index.get(key)
-            if raw is None:
-                self._memo.pop(key, None)
-                return None
-            entry = Entry(**raw)
-            self._remember(entry, now)
-        if not os.path.isfile(self.blob_path(entry.sha256)):
+            return memo[0]
+        raw = self._index.get(key)
+        entry = Entry(**raw) if raw is not None else None
+        if entry is None or not os.path.isfile(self._blob_file(entry.sha256)):
+            self._memo.pop(key, None)
             return None
+        self._remember(entry, now)
         return entry
 
     def _remember(self, entry: Entry, now: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs
+from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, raw_request
 
 
 def test_premise_direct_download_cut_at_member_boundary_is_silently_accepted(clean_origin, archives, tmp_path):
@@ -45,3 +45,15 @@ def test_cut_upstream_makes_the_client_fail_and_caches_nothing(proxy, origin, ar
     healed = hub_load(handle, tmp_path / "tfhub")
     assert loaded_output(healed) == archives.expected(archive)
     assert origin.object_gets(model) == 2, "the next request must fetch afresh"
+
+
+def test_http10_clients_get_only_verified_archives(proxy, origin, archives):
+    """HTTP/1.0 has no chunked encoding, so a cut could not be signalled: such clients wait for
+    the verified archive and get it with a Content-Length, or get an error status."""
+    good, bad = origin.register(archives.padded), origin.register(archives.padded)
+    origin.faults(bad, truncate_at=compressed_offset_of_member(archives.padded, "assets/pad-b.bin"))
+
+    status, body = raw_request(proxy.url, f"GET /{good.handle} HTTP/1.0\r\n\r\n".encode())
+    assert (status, body) == (200, archives.padded.read_bytes())
+    status, body = raw_request(proxy.url, f"GET /{bad.handle} HTTP/1.0\r\n\r\n".encode())
+    assert status == 502 and b"upstream" in body
