@@ -31,6 +31,7 @@ from .upstream import Evidence, Upstream, UpstreamError
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
+MIN_SPAN = 8 * 1024 * 1024
 MAX_PENDING_CHUNKS = 4  # received but not yet written and hashed: bounds memory per flight
 # The tar end-of-archive marker is encoded in the last few hundred bytes of a .tar.gz; while a
 # reader lacks them, tensorflow_hub cannot finish extracting, so it fails if we then hang up.
@@ -124,11 +125,14 @@ class Flight:
     async def spans(self, offset: int = 0) -> AsyncIterator[tuple[int, int]]:
         """(start, length) of archive bytes as they become safe to send; raises FlightFailed."""
         await self.ready()
+        first = True
         while True:
             limit = self._sendable()
-            if offset < limit:
+            # After the first span, wait for a worthwhile amount: one sendfile per MiB per
+            # reader would spend the event loop on wake-ups when many clients follow a slow fetch.
+            if offset < limit and (first or limit - offset >= MIN_SPAN or self.state is not State.STREAMING):
                 yield offset, limit - offset
-                offset = limit
+                offset, first = limit, False
             elif self.state is State.COMMITTED:
                 return
             elif self.state is State.FAILED:
