@@ -16,6 +16,7 @@ import enum
 import functools
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import AsyncIterator, BinaryIO, Callable
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 MIN_SPAN = 8 * 1024 * 1024
+MAX_SPAN_DELAY = 0.05  # seconds
 MAX_PENDING_CHUNKS = 4  # received but not yet written and hashed: bounds memory per flight
 # The tar end-of-archive marker is encoded in the last few hundred bytes of a .tar.gz; while a
 # reader lacks them, tensorflow_hub cannot finish extracting, so it fails if we then hang up.
@@ -123,20 +125,27 @@ class Flight:
             raise self.error
 
     async def spans(self, offset: int = 0) -> AsyncIterator[tuple[int, int]]:
-        """(start, length) of archive bytes as they become safe to send; raises FlightFailed."""
+        """(start, length) of archive bytes as they become safe to send; raises FlightFailed.
+
+        Spans are coalesced: one sendfile per MiB per reader would spend the event loop on
+        wake-ups when many clients follow a fetch, so a reader sends when MIN_SPAN bytes are
+        ready or MAX_SPAN_DELAY has passed since its last send, whichever comes first."""
         await self.ready()
-        first = True
+        loop = asyncio.get_running_loop()
+        last_send = -math.inf
         while True:
             limit = self._sendable()
-            # After the first span, wait for a worthwhile amount: one sendfile per MiB per
-            # reader would spend the event loop on wake-ups when many clients follow a slow fetch.
-            if offset < limit and (first or limit - offset >= MIN_SPAN or self.state is not State.STREAMING):
-                yield offset, limit - offset
-                offset, first = limit, False
+            ready = limit - offset
+            overdue = loop.time() - last_send >= MAX_SPAN_DELAY
+            if ready > 0 and (ready >= MIN_SPAN or overdue or self.state is not State.STREAMING):
+                yield offset, ready
+                offset, last_send = limit, loop.time()
             elif self.state is State.COMMITTED:
                 return
             elif self.state is State.FAILED:
                 raise self.error
+            elif ready > 0:
+                await _wait(self._wave, last_send + MAX_SPAN_DELAY - loop.time())
             else:
                 await asyncio.shield(self._wave)
 
@@ -284,6 +293,12 @@ async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[li
             batch, filled = [], 0
     if batch:
         yield batch
+
+
+async def _wait(wave: asyncio.Future, timeout: float) -> None:
+    """Wait for the next progress notice, or the timeout, whichever is first."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(wave), max(timeout, 0))
 
 
 def _single_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
