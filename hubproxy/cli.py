@@ -1,4 +1,4 @@
-"""Command line: `hubproxy serve` (more commands join as the project grows).
+"""Command line: serve | warmup | tfcache ls/verify | keys generate | bundle export/import.
 
 Invariants: every failure the operator can cause ends in a one-line message and exit status 2,
 never a traceback; flags override HUBPROXY_* variables, which override the TOML file.
@@ -7,14 +7,19 @@ never a traceback; flags override HUBPROXY_* variables, which override the TOML 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
+import sys
+import uuid
+from pathlib import Path
 
 import click
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import __version__
+from . import __version__, bundle, client, keys, sources, tfcache, ui
 from .config import ConfigError, Settings, load_settings
 from .server import create_app
 
@@ -86,3 +91,228 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+# -- offline clusters: warmup, tfcache, keys, bundles ------------------------------------------
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_file) -> list[list[str]]:
+    """Each group: one model's spellings, the first fetched. --alias belongs to a single HANDLE;
+    a --file line may list several spellings of one model separated by spaces."""
+    if aliases and len(handles) != 1:
+        raise click.UsageError("--alias needs exactly one HANDLE (or list spellings on one --file line)")
+    groups = [[handle, *aliases] for handle in handles]
+    for line in handle_file or ():
+        spellings = line.split("#", 1)[0].split()
+        if spellings:
+            groups.append(spellings)
+    if not groups:
+        raise click.UsageError("name at least one HANDLE (or --file LIST)")
+    for group in groups:
+        for spelling in group:
+            try:
+                sources.parse_handle(spelling)
+            except sources.SourceError as e:
+                raise click.UsageError(str(e)) from None
+    return groups
+
+
+def _archive_source(via: str | None, from_cache: Path | None, scratch: Path, settings_flags: dict):
+    if via and from_cache:
+        raise click.UsageError("give --via or --from-cache, not both")
+    try:
+        if via:
+            return sources.MirrorSource(via, scratch)
+        if from_cache:
+            return sources.CacheSource(from_cache)
+        return sources.UpstreamSource(_settings_or_exit(settings_flags.pop("config_file"), settings_flags), scratch)
+    except sources.SourceError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _upstream_options(command):
+    for option in reversed([
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML settings file."),
+        click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL",
+                     help="Upstream base URL (no --via/--from-cache: fetch from upstream)."),
+        click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True, metavar="HOST[:PORT]"),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--cache-dir", "tfdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The TFHUB_CACHE_DIR to fill.")
+@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
+@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Read a hubproxy cache dir; no network.")
+@click.option("--file", "handle_file", type=click.File(), help="Handles, one model per line (spellings space-separated).")
+@click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
+@click.option("--force", is_flag=True, help="Refresh entries that are already present.")
+@_upstream_options
+@click.argument("handles", nargs=-1)
+def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, **settings_flags) -> None:
+    """Write TFHUB_CACHE_DIR entries that tensorflow_hub then loads offline.
+
+    HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
+    a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
+    groups = _spelling_groups(handles, aliases, handle_file)
+    tfdir.mkdir(parents=True, exist_ok=True)
+    source = _archive_source(via, from_cache, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
+    results = []
+    try:
+        with ui.Transfers() as transfers:
+            for group in groups:
+                results.append(_warm_one(source, tfdir, group, force, transfers))
+    finally:
+        source.close()
+    ui.summary(["handle", "result", "size", "detail"], results)
+    failed = [row[0] for row in results if row[1] == "failed"]
+    if failed:
+        for handle in failed:
+            click.echo(f"failed: {handle}", err=True)
+        sys.exit(1)
+
+
+def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> list[str]:
+    handle = group[0]
+    if not force and all(tfcache.is_present(tfdir, spelling) for spelling in group):
+        return [handle, "present", "", ", ".join(group[1:])]
+    try:
+        archive = source.get(handle, transfers.tracker(handle))
+        try:
+            written = tfcache.install(archive.path, tfdir, group, force=force)
+        finally:
+            if archive.disposable:
+                archive.path.unlink(missing_ok=True)
+    except (sources.SourceError, tfcache.UnsafeArchive) as e:
+        return [handle, "failed", "", str(e)]
+    aliases = [spelling for spelling in written if spelling != handle]
+    return [handle, "written", ui.size(archive.size), f"also as {', '.join(aliases)}" if aliases else ""]
+
+
+@main.group("tfcache")
+def tfcache_() -> None:
+    """Inspect a TFHUB_CACHE_DIR."""
+
+
+@tfcache_.command("ls")
+@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def tfcache_ls(tfdir: Path, as_json: bool) -> None:
+    """List entries with the handle each came from."""
+    models = tfcache.list_models(tfdir)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return
+    ui.summary(["directory", "handle", "files", "size", "loadable"],
+               [[m.name, m.handle or "?", str(m.files), ui.size(m.bytes), "yes" if m.loadable else "NO"]
+                for m in models])
+
+
+@tfcache_.command("verify")
+@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def tfcache_verify(tfdir: Path) -> None:
+    """Check each entry has a loadable layout; with tensorflow installed, load it."""
+    loader = client.saved_model_loader()
+    bad = []
+    for model in tfcache.list_models(tfdir):
+        problem = None if model.loadable else "no saved_model.pb"
+        if problem is None and loader is not None:
+            problem = loader(tfdir / model.name)
+        click.echo(f"{'ok ' if problem is None else 'BAD'} {model.name} {model.handle or '?'}"
+                   + (f": {problem}" if problem else ""))
+        if problem:
+            bad.append(model.name)
+    if bad:
+        sys.exit(1)
+
+
+
+@main.group("keys")
+def keys_() -> None:
+    """Ed25519 keys for signing bundles."""
+
+
+@keys_.command("generate")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="KEY.pem (0600).")
+def keys_generate(out: Path) -> None:
+    """Write a private key (mode 0600) and KEY.pub.pem beside it."""
+    try:
+        public = keys.generate(out)
+    except keys.KeyError_ as e:
+        _fail(str(e))
+    click.echo(f"private key {out} (0600), public key {public}")
+
+
+@main.group("bundle")
+def bundle_() -> None:
+    """Carry models across an air gap: export a signed bundle, import it on the other side."""
+
+
+@bundle_.command("export")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--via", metavar="MIRROR_URL")
+@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--file", "handle_file", type=click.File())
+@click.option("--alias", "aliases", multiple=True, metavar="SPELLING")
+@click.argument("handles", nargs=-1)
+def bundle_export(out: Path, sign_key, via, from_cache, handle_file, aliases, handles) -> None:
+    """Pack the archives of HANDLEs (with their aliases) into one signed tar."""
+    if not via and not from_cache:
+        raise click.UsageError("give --via MIRROR_URL or --from-cache DIR")
+    groups = _spelling_groups(handles, aliases, handle_file)
+    try:
+        key = keys.load_private(sign_key) if sign_key else None
+    except keys.KeyError_ as e:
+        _fail(str(e))
+    source = _archive_source(via, from_cache, out.parent / f".hubproxy-export-{uuid.uuid4().hex}", {})
+    try:
+        with ui.Transfers() as transfers:
+            items = [bundle.Item(group, source.get(group[0], transfers.tracker(group[0]))) for group in groups]
+        manifest = bundle.export(out, items, key)
+    except sources.SourceError as e:
+        _fail(str(e))
+    finally:
+        source.close()
+    signed = f"signed by key {manifest['key_id']}" if key else "UNSIGNED"
+    click.echo(f"wrote {out}: {len(manifest['archives'])} archives, {signed}")
+
+
+@bundle_.command("import")
+@click.argument("bundle_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--verify-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--allow-unsigned", is_flag=True, help="Accept a bundle without a signature.")
+@click.option("--cache-dir", "tfdir", type=click.Path(file_okay=False, path_type=Path), help="A TFHUB_CACHE_DIR.")
+@click.option("--proxy-cache", type=click.Path(file_okay=False, path_type=Path), help="A hubproxy cache dir.")
+@click.option("--force", is_flag=True, help="Replace TFHUB_CACHE_DIR entries already present.")
+def bundle_import(bundle_file: Path, verify_key, allow_unsigned, tfdir, proxy_cache, force) -> None:
+    """Verify a bundle completely, then publish its models; on any problem nothing is written."""
+    if (tfdir is None) == (proxy_cache is None):
+        raise click.UsageError("give exactly one of --cache-dir TFDIR or --proxy-cache DIR")
+    if verify_key is None and not allow_unsigned:
+        raise click.UsageError("give --verify-key PUB.pem (or --allow-unsigned)")
+    destination = tfdir or proxy_cache
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        public = keys.load_public(verify_key) if verify_key else None
+        verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
+                                 allow_unsigned)
+    except (keys.KeyError_, bundle.BundleError) as e:
+        _fail(str(e))
+    try:
+        if tfdir is not None:
+            written = tfcache.install_all([(item.archive.path, item.handles) for item in verified.items], tfdir,
+                                          force=force)
+        else:
+            written = bundle.seed_proxy_cache(verified, proxy_cache)
+    except (tfcache.UnsafeArchive, sources.SourceError) as e:
+        _fail(str(e))
+    finally:
+        verified.discard()
+    click.echo(f"imported {len(verified.items)} archives; wrote {len(written)} entries into {destination}")

@@ -120,7 +120,7 @@ class Store:
     def commit(self, key: str, temp_path: Path, sha256: str, size: int, *,
                etag: str | None, content_type: str, source: str, durable: bool = True) -> Entry:
         """Move a verified temp file into place and index it; blocking, run it in a thread.
-        `durable=False` skips the fsyncs (bulk imports that are re-verified afterwards)."""
+        `durable=False` skips the fsyncs (bulk loads such as the benchmark's synthetic index)."""
         blob = self.blob_path(sha256)
         blob.parent.mkdir(exist_ok=True)
         if blob.is_file() and blob.stat().st_size == size:
@@ -131,6 +131,14 @@ class Store:
             os.replace(temp_path, blob)
             if durable:
                 _fsync_dir(blob.parent)
+        return self.add_key(key, sha256, size, etag=etag, content_type=content_type, source=source)
+
+    def add_key(self, key: str, sha256: str, size: int, *, etag: str | None, content_type: str,
+                source: str) -> Entry:
+        """Index key → a blob that is already stored (another spelling of the same archive)."""
+        blob = self.blob_path(sha256)
+        if not blob.is_file() or blob.stat().st_size != size:
+            raise FileNotFoundError(f"no stored blob {sha256} of {size} bytes")
         now = time.time()
         entry = Entry(key=key, sha256=sha256, size=size, etag=etag, content_type=content_type,
                       source=source, fetched=now, last_access=now)

@@ -145,6 +145,21 @@ def hub_load(handle: str, tfhub_cache_dir: Path) -> subprocess.CompletedProcess:
                           env=_quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir)))
 
 
+def hub_load_offline(handle: str, tfhub_cache_dir: Path) -> subprocess.CompletedProcess:
+    """hub_load with every HTTP(S) request sent to a dead loopback proxy: a model missing from
+    TFHUB_CACHE_DIR fails at once, and nothing can leave the machine."""
+    dead = "http://127.0.0.1:9"
+    env = _quiet_env(TFHUB_CACHE_DIR=str(tfhub_cache_dir), http_proxy=dead, https_proxy=dead,
+                     HTTP_PROXY=dead, HTTPS_PROXY=dead, no_proxy="", NO_PROXY="")
+    return subprocess.run(_hub_client_args(handle), capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    """The hubproxy command line, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "hubproxy", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=_quiet_env())
+
+
 def hub_load_started(handle: str, tfhub_cache_dir: Path) -> subprocess.Popen:
     """hub_load, started in the background; .communicate() it."""
     return subprocess.Popen(_hub_client_args(handle), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

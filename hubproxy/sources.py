@@ -1,0 +1,175 @@
+"""Where offline tools get a verified archive for a handle: a hubproxy cache dir, a running
+mirror, or the upstream itself through the proxy's own verified fetch (flight + store).
+
+Invariants: every Archive handed out is complete and its sha256 is known and checked; scratch
+files live under the scratch dir the caller names and are gone when the source is closed;
+a failure is a SourceError with a one-line reason naming the handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import http.client
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Settings
+from .flight import FlightFailed, Flights
+from .handles import BadHandle, Handle, parse_request_target
+from .metrics import Metrics
+from .store import Store
+from .upstream import Upstream
+
+Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
+_BLOCK = 1 << 20
+
+
+class SourceError(RuntimeError):
+    """No verified archive could be had; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path  # a complete, verified archive on local disk
+    sha256: str
+    size: int
+    source: str  # where it came from, for manifests and messages
+    disposable: bool = False  # a scratch copy the caller may delete once used
+
+
+def parse_handle(handle_url: str) -> Handle:
+    """Any spelling a user types (tfhub.dev, Kaggle, storage or mirror URL) → the proxy's Handle."""
+    parts = urllib.parse.urlsplit(handle_url)
+    if parts.scheme not in ("http", "https") or not parts.path:
+        raise SourceError(f"{handle_url!r} is not a hub handle URL (https://tfhub.dev/<publisher>/<model>/<version>)")
+    try:
+        return parse_request_target(parts.path + (f"?{parts.query}" if parts.query else ""))
+    except BadHandle as e:
+        raise SourceError(f"{handle_url}: {e}") from None
+
+
+class CacheSource:
+    """Archives from a hubproxy cache dir, with no network at all."""
+
+    def __init__(self, cache_dir: Path):
+        if not (cache_dir / "index").is_dir():
+            raise SourceError(f"{cache_dir} is not a hubproxy cache dir (no index)")
+        self._store = Store(cache_dir)
+
+    def get(self, handle_url: str, progress: Progress | None = None) -> Archive:
+        entry = self._store.lookup(parse_handle(handle_url).key)
+        if entry is None:
+            raise SourceError(f"{handle_url} is not in the cache")
+        return Archive(self._store.blob_path(entry.sha256), entry.sha256, entry.size, entry.source)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+class MirrorSource:
+    """Archives fetched through a running hubproxy (or any mirror with the same paths)."""
+
+    def __init__(self, mirror_url: str, scratch: Path):
+        self._base = mirror_url.rstrip("/")
+        self._scratch = scratch
+
+    def get(self, handle_url: str, progress: Progress | None = None) -> Archive:
+        handle = parse_handle(handle_url)
+        url = f"{self._base}{handle.path}?tf-hub-format=compressed"
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        target = self._scratch / f"download-{uuid.uuid4().hex}.part"
+        try:
+            digest, size, announced = _download(url, target, progress)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            target.unlink(missing_ok=True)
+            raise SourceError(f"{handle_url}: download from {self._base} failed: {_reason(e)}") from None
+        if announced is not None and announced != digest:
+            target.unlink(missing_ok=True)
+            raise SourceError(f"{handle_url}: bytes from {self._base} do not match their Repr-Digest")
+        return Archive(target, digest, size, url, disposable=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _download(url: str, target: Path, progress: Progress | None) -> tuple[str, int, str | None]:
+    """Stream url into target hashing it; a short or broken body raises. (sha256, size, Repr-Digest)."""
+    digest = hashlib.sha256()
+    size = 0
+    with urllib.request.urlopen(url, timeout=300) as response, target.open("wb") as out:
+        total = response.length
+        while block := response.read(_BLOCK):
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+            if progress:
+                progress(size, total)
+        if total is not None and response.length:
+            raise SourceError(f"{url}: body ended {response.length} bytes short")
+        announced = _repr_digest_sha256(response.headers.get("Repr-Digest"))
+    return digest.hexdigest(), size, announced
+
+
+def _repr_digest_sha256(header: str | None) -> str | None:
+    for part in (header or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "sha-256" and value.startswith(":") and value.endswith(":"):
+            return base64.b64decode(value[1:-1]).hex()
+    return None
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        body = error.read(300).decode(errors="replace").strip().splitlines()
+        return f"HTTP {error.code}" + (f": {body[0]}" if body else "")
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}"
+
+
+class UpstreamSource:
+    """Archives fetched from the hub itself with the proxy's own verified fetch, into a scratch store."""
+
+    def __init__(self, settings: Settings, scratch: Path):
+        self._settings = settings
+        self._scratch = scratch
+        self._store: Store | None = None
+
+    def get(self, handle_url: str, progress: Progress | None = None) -> Archive:
+        handle = parse_handle(handle_url)
+        if self._store is None:
+            self._store = Store(self._scratch)
+        try:
+            entry = asyncio.run(self._fetch(handle, progress))
+        except FlightFailed as e:
+            raise SourceError(f"{handle_url}: {e.message}") from None
+        return Archive(self._store.blob_path(entry.sha256), entry.sha256, entry.size, entry.source, disposable=True)
+
+    async def _fetch(self, handle: Handle, progress: Progress | None):
+        upstream = Upstream(self._settings)
+        await upstream.start()
+        try:
+            flights = Flights(self._store, upstream, Metrics())
+            url = handle.upstream_url(self._settings.upstreams[handle.upstream])
+            async with flights.join(handle.key, url) as (flight, _):
+                finished = asyncio.ensure_future(flight.finished())
+                while not finished.done():
+                    await asyncio.wait([finished], timeout=0.2)
+                    if progress and flight.evidence is not None:
+                        progress(flight.written, flight.evidence.content_length)
+                return finished.result()
+        finally:
+            await upstream.close()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
