@@ -122,3 +122,19 @@ def test_unsigned_bundles_need_explicit_consent(proxy, origin, archives, tmp_pat
     accepted = run_cli("bundle", "import", bundle, "--allow-unsigned", "--cache-dir", tfdir)
     assert accepted.returncode == 0, accepted.stderr
     assert loaded_output(hub_load_offline(handle, tfdir)) == archives.expected(archives.small)
+
+
+def test_a_bundle_missing_a_listed_archive_is_refused(exported, tmp_path):
+    bundle, public, _, _ = exported
+    partial = tmp_path / "partial.tar"
+    with tarfile.open(bundle) as source, tarfile.open(partial, "w") as target:
+        blobs = [m for m in source.getmembers() if m.name.startswith("blobs/")]
+        for member in source.getmembers():
+            if member is not blobs[-1]:  # the signed manifest still lists it
+                target.addfile(member, source.extractfile(member))
+    tfdir = tmp_path / "air-gapped-tfhub"
+
+    result = run_cli("bundle", "import", partial, "--verify-key", public, "--cache-dir", tfdir)
+
+    assert result.returncode != 0 and "missing from the bundle" in result.stderr
+    assert list(tfdir.iterdir()) == []
