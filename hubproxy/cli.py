@@ -1,4 +1,4 @@
-"""Command line: serve | warmup | tfcache ls/verify | keys generate | bundle export/import.
+"""Command line: serve | warmup | tfcache | keys | bundle | cache ls/stats/pin/unpin/purge/evict/verify.
 
 Invariants: every failure the operator can cause ends in a one-line message and exit status 2,
 never a traceback; flags override HUBPROXY_* variables, which override the TOML file.
@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import sys
 import uuid
@@ -19,8 +20,10 @@ import click
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import __version__, bundle, client, keys, sources, tfcache, ui
+from . import __version__, bundle, client, evict, keys, sources, tfcache, ui, verify
 from .config import ConfigError, Settings, load_settings
+from .store import Store
+from .units import parse_duration, parse_size
 from .server import create_app
 
 log = logging.getLogger("hubproxy")
@@ -316,3 +319,180 @@ def bundle_import(bundle_file: Path, verify_key, allow_unsigned, tfdir, proxy_ca
     finally:
         verified.discard()
     click.echo(f"imported {len(verified.items)} archives; wrote {len(written)} entries into {destination}")
+
+
+# -- operating the cache ------------------------------------------------------------------------
+
+def _cache_options(command):
+    command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                           help="TOML settings file (for cache_dir and upstreams).")(command)
+    return click.option("--cache-dir", help="The hubproxy cache dir.  [default: from config]")(command)
+
+
+def _open_store(cache_dir, config_file) -> tuple[Store, Settings]:
+    settings = _settings_or_exit(config_file, {"cache_dir": cache_dir})
+    if not (settings.cache_path / "index").is_dir():
+        _fail(f"{settings.cache_path} is not a hubproxy cache dir")
+    return Store(settings.cache_path), settings
+
+
+def _keys_for(store: Store, patterns: tuple[str, ...]) -> list[str]:
+    """Handles as typed (URLs), keys, paths, or globs of keys and paths → the matching keys."""
+    wanted = []
+    for pattern in patterns:
+        if pattern.startswith(("http://", "https://")):
+            try:
+                wanted.append(sources.parse_handle(pattern).key)
+            except sources.SourceError as e:
+                raise click.UsageError(str(e)) from None
+        else:
+            wanted.append(pattern)
+    return evict.matching(store.entries(), wanted, include_pinned=True).keys
+
+
+@main.group("cache")
+def cache_() -> None:
+    """Inspect and steer a hubproxy cache (safe while a proxy serves from it)."""
+
+
+@cache_.command("ls")
+@_cache_options
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(cache_dir, config_file, as_json) -> None:
+    """Each entry: handle, size, sha256, fetched, last access, hits, pinned."""
+    store, _ = _open_store(cache_dir, config_file)
+    entries = sorted(store.entries(), key=lambda e: e.key)
+    store.close()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return
+    ui.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
+               [[e.key, ui.size(e.size), e.sha256[:16], ui.when(e.fetched), ui.when(e.last_access), str(e.hits),
+                 "yes" if e.pinned else ""] for e in entries])
+
+
+@cache_.command("stats")
+@_cache_options
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(cache_dir, config_file, as_json) -> None:
+    """Entries, bytes, hit ratio, free disk."""
+    store, settings = _open_store(cache_dir, config_file)
+    entries = store.entries()
+    store.close()
+    hits = sum(e.hits for e in entries)
+    stats = {"entries": len(entries), "blobs": len({e.sha256 for e in entries}), "bytes": evict.usage(entries),
+             "hits": hits, "fetches": len(entries),
+             "hit_ratio": round(hits / (hits + len(entries)), 4) if entries else 0.0,
+             "pinned": sum(e.pinned for e in entries),
+             "free_bytes": shutil.disk_usage(settings.cache_path).free}
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    ui.summary(["stat", "value"], [[k, ui.size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
+
+
+@cache_.command("pin")
+@_cache_options
+@click.argument("handles", nargs=-1, required=True)
+def cache_pin(cache_dir, config_file, handles) -> None:
+    """Never evict these entries (warmed, audited models)."""
+    _set_pinned(cache_dir, config_file, handles, True)
+
+
+@cache_.command("unpin")
+@_cache_options
+@click.argument("handles", nargs=-1, required=True)
+def cache_unpin(cache_dir, config_file, handles) -> None:
+    """Let these entries be evicted again."""
+    _set_pinned(cache_dir, config_file, handles, False)
+
+
+def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        keys_ = _keys_for(store, handles)
+        if not keys_:
+            _fail(f"no cached entry matches {' '.join(handles)}")
+        for key in keys_:
+            store.set_pinned(key, pinned)
+            click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
+    finally:
+        store.close()
+
+
+@cache_.command("purge")
+@_cache_options
+@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
+def cache_purge(cache_dir, config_file, dry_run, patterns) -> None:
+    """Drop entries now, pinned or not (a bad upstream release, a legal request)."""
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        keys_ = _keys_for(store, patterns)
+        plan = evict.matching(store.entries(), keys_, include_pinned=True)
+        _apply(store, plan, dry_run)
+    finally:
+        store.close()
+
+
+@cache_.command("evict")
+@_cache_options
+@click.option("--max-size", help="Evict least recently used until the cache is at most SIZE (200G).")
+@click.option("--older-than", help="Evict entries unused for DURATION (30d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.argument("patterns", nargs=-1, metavar="[HANDLE_OR_GLOB...]")
+def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns) -> None:
+    """Evict by size, by age, or by name; pinned entries always stay."""
+    if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
+        raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        entries = store.entries()
+        if max_size:
+            plan = evict.to_fit(entries, _parsed(parse_size, max_size))
+        elif older_than:
+            plan = evict.older_than(entries, _parsed(parse_duration, older_than))
+        else:
+            plan = evict.matching(entries, _keys_for(store, patterns), include_pinned=False)
+        _apply(store, plan, dry_run)
+    finally:
+        store.close()
+
+
+def _parsed(parser, text: str):
+    try:
+        return parser(text)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _apply(store: Store, plan: evict.Plan, dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for key in plan.keys:
+        click.echo(f"{verb} {key}")
+    if not dry_run:
+        store.remove_keys(plan.keys)
+        store.delete_unused_blobs(plan.blobs)
+    click.echo(f"{verb} {len(plan.keys)} entries, {ui.size(plan.freed)}", err=True)
+
+
+@cache_.command("verify")
+@_cache_options
+@click.option("--repair", is_flag=True, help="Re-fetch what was bad from upstream.")
+def cache_verify(cache_dir, config_file, repair) -> None:
+    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each."""
+    store, settings = _open_store(cache_dir, config_file)
+    try:
+        findings = verify.scrub(store)
+        verify.quarantine_all(store, findings)
+        for finding in findings:
+            click.echo(f"BAD {', '.join(finding.keys)}: {finding.problem} (quarantined)", err=True)
+        if repair and findings:
+            for key, problem in verify.refetch(store, settings, [k for f in findings for k in f.keys]):
+                click.echo(f"{'repaired' if problem is None else 'NOT repaired'} {key}"
+                           + (f": {problem}" if problem else ""), err=True)
+    finally:
+        store.close()
+    click.echo(f"checked; {len(findings)} bad blobs")
+    if findings:
+        sys.exit(1)

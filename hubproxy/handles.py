@@ -68,6 +68,15 @@ def parse_request_target(raw_target: str) -> Handle:
     return Handle(upstream=route(raw_path), path=_normalise_path(raw_path))
 
 
+def handle_from_key(key: str) -> Handle:
+    """The Handle an index key was made from (keys are `upstream:/path`)."""
+    upstream, _, path = key.partition(":")
+    handle = parse_request_target(path)
+    if handle.upstream != upstream:
+        raise BadHandle(f"index key {key[:80]!r} does not route to {upstream}")
+    return handle
+
+
 def route(path: str) -> str:
     """Which upstream serves a mirror path."""
     relative = path.lstrip("/")

@@ -95,7 +95,11 @@ async def hub(request: web.Request) -> web.StreamResponse:
     range_problem = _range_problem(request.headers.get("Range"))
     if range_problem:
         return _error(400, range_problem)
-    entry = request.app[STORE].lookup(handle.key)
+    store = request.app[STORE]
+    entry = store.lookup(handle.key)
+    if entry is not None and request.method == "GET" and not store.has_blob(entry):
+        store.forget(handle.key)  # purged or evicted by another process since we looked
+        entry = None
     if entry is not None:
         return await _serve_hit(request, entry)
     if request.method == "HEAD":

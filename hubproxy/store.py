@@ -34,6 +34,7 @@ class Entry:
     fetched: float
     last_access: float
     hits: int = 0
+    pinned: bool = False
 
 
 class Store:
@@ -86,6 +87,13 @@ class Store:
         self._remember(entry, now)
         return entry
 
+    def has_blob(self, entry: Entry) -> bool:
+        """Whether the blob is on disk now (lookup's answer may be up to MEMO_SECONDS old)."""
+        return os.path.isfile(self._blob_file(entry.sha256))
+
+    def forget(self, key: str) -> None:
+        self._memo.pop(key, None)
+
     def _remember(self, entry: Entry, now: float) -> None:
         if len(self._memo) >= MEMO_ENTRIES:
             self._memo.clear()
@@ -99,6 +107,60 @@ class Store:
     def take_hits(self) -> dict[str, tuple[int, float]]:
         pending, self._pending_hits = self._pending_hits, {}
         return pending
+
+    def entries(self) -> list[Entry]:
+        """Every index entry (a snapshot; entries removed meanwhile are skipped)."""
+        found = []
+        for key in list(self._index.iterkeys()):
+            raw = self._index.get(key)
+            if raw is not None:
+                found.append(Entry(**raw))
+        return found
+
+    def blobs_in_use(self) -> dict[str, list[str]]:
+        """sha256 → the keys naming it."""
+        users: dict[str, list[str]] = {}
+        for entry in self.entries():
+            users.setdefault(entry.sha256, []).append(entry.key)
+        return users
+
+    def set_pinned(self, key: str, pinned: bool) -> bool:
+        with self._index.transact():
+            raw = self._index.get(key)
+            if raw is None:
+                return False
+            raw["pinned"] = pinned
+            self._index.set(key, raw)
+        self._memo.pop(key, None)
+        return True
+
+    def remove_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            self._index.delete(key)
+            self._memo.pop(key, None)
+
+    def delete_unused_blobs(self, sha256s: list[str]) -> list[str]:
+        """Delete those blobs no index entry names any more; returns the ones deleted. A client
+        still reading a deleted blob keeps its open file to the end."""
+        in_use = self.blobs_in_use()
+        deleted = []
+        for sha256 in sha256s:
+            if sha256 not in in_use:
+                self.blob_path(sha256).unlink(missing_ok=True)
+                deleted.append(sha256)
+        return deleted
+
+    def quarantine(self, sha256: str) -> Path | None:
+        """Move a blob out of blobs/ so it is never served again; returns where it went."""
+        quarantine = self.root / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        target = quarantine / f"{sha256}.{int(time.time())}"
+        try:
+            os.replace(self.blob_path(sha256), target)
+        except FileNotFoundError:
+            return None
+        self._memo.clear()
+        return target
 
     def write_hits(self, pending: dict[str, tuple[int, float]]) -> None:
         """Add counted hits to the index in one transaction; blocking, run it in a thread."""

@@ -7,6 +7,7 @@ Invariants: only presentation lives here; everything goes to stderr except table
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable
 
 from rich.console import Console
@@ -22,6 +23,10 @@ def size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 class Transfers:

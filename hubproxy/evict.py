@@ -1,0 +1,76 @@
+"""Choosing what to evict: least recently used first, never a pinned entry.
+
+Invariants: pure functions over Entry lists, no I/O; a blob shared by several keys counts once
+and goes only when every key using it goes; the plan never includes a pinned key, nor a key
+whose blob is also named by a pinned key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+
+from .store import Entry
+
+
+@dataclass(frozen=True)
+class Plan:
+    keys: list[str]  # index entries to drop
+    blobs: list[str]  # sha256 of blobs no remaining entry uses
+    freed: int  # bytes the blobs free
+
+
+def usage(entries: list[Entry]) -> int:
+    """Bytes on disk: each blob once, however many keys name it."""
+    return sum({entry.sha256: entry.size for entry in entries}.values())
+
+
+def to_fit(entries: list[Entry], max_bytes: int) -> Plan:
+    """Drop least recently used blobs (with all their keys) until usage <= max_bytes."""
+    by_blob = _group_by_blob(entries)
+    victims: list[str] = []
+    total = usage(entries)
+    for sha256, group in sorted(by_blob.items(), key=lambda item: max(e.last_access for e in item[1])):
+        if total <= max_bytes:
+            break
+        if any(entry.pinned for entry in group):
+            continue
+        victims.append(sha256)
+        total -= group[0].size
+    return _plan(by_blob, victims)
+
+
+def older_than(entries: list[Entry], seconds: float, now: float | None = None) -> Plan:
+    """Drop blobs none of whose keys was used in the last `seconds`."""
+    cutoff = (time.time() if now is None else now) - seconds
+    by_blob = _group_by_blob(entries)
+    victims = [sha for sha, group in by_blob.items()
+               if not any(e.pinned for e in group) and max(e.last_access for e in group) < cutoff]
+    return _plan(by_blob, victims)
+
+
+def matching(entries: list[Entry], patterns: list[str], *, include_pinned: bool) -> Plan:
+    """Drop the keys matching any pattern (a key, its path, or a glob of either); a blob goes
+    when no remaining key names it."""
+    chosen = {e.key for e in entries if (include_pinned or not e.pinned) and _matches(e.key, patterns)}
+    remaining = {e.sha256 for e in entries if e.key not in chosen}
+    blobs = {e.sha256: e.size for e in entries if e.key in chosen and e.sha256 not in remaining}
+    return Plan(sorted(chosen), sorted(blobs), sum(blobs.values()))
+
+
+def _matches(key: str, patterns: list[str]) -> bool:
+    path = key.partition(":")[2]
+    return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _group_by_blob(entries: list[Entry]) -> dict[str, list[Entry]]:
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.sha256, []).append(entry)
+    return groups
+
+
+def _plan(by_blob: dict[str, list[Entry]], victims: list[str]) -> Plan:
+    keys = sorted(e.key for sha in victims for e in by_blob[sha])
+    return Plan(keys, sorted(victims), sum(by_blob[sha][0].size for sha in victims))
