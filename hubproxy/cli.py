@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, bundle, client, evict, keys, sources, tfcache, ui, verify
 from .config import ConfigError, Settings, load_settings
+from .handles import BadHandle
 from .store import Store
 from .units import parse_duration, parse_size
 from .server import create_app
@@ -46,6 +47,8 @@ def main() -> None:
 @click.option("--retries", type=int, help="Extra attempts on 429/5xx/connection errors.  [default: 3]")
 @click.option("--backoff-seconds", type=float, help="First retry delay, doubled each time.  [default: 0.5]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--mode", type=click.Choice(["online", "fallback", "offline"]),
+              help="offline never contacts upstream (a miss is a 504).  [default: online]")
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted."""
     settings = _settings_or_exit(config_file, flags)
@@ -336,17 +339,12 @@ def _open_store(cache_dir, config_file) -> tuple[Store, Settings]:
     return Store(settings.cache_path), settings
 
 
-def _keys_for(store: Store, patterns: tuple[str, ...]) -> list[str]:
+def _keys_for(store: Store, typed: tuple[str, ...]) -> list[str]:
     """Handles as typed (URLs), keys, paths, or globs of keys and paths → the matching keys."""
-    wanted = []
-    for pattern in patterns:
-        if pattern.startswith(("http://", "https://")):
-            try:
-                wanted.append(sources.parse_handle(pattern).key)
-            except sources.SourceError as e:
-                raise click.UsageError(str(e)) from None
-        else:
-            wanted.append(pattern)
+    try:
+        wanted = evict.patterns(list(typed))
+    except BadHandle as e:
+        raise click.UsageError(str(e)) from None
     return evict.matching(store.entries(), wanted, include_pinned=True).keys
 
 

@@ -19,6 +19,7 @@ ENV_PREFIX = "HUBPROXY_"
 
 # The hosts today's chain redirects through: tfhub.dev → Kaggle → signed Google Cloud Storage URL.
 DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.com")
+MODES = ("online", "fallback", "offline")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,8 @@ class Settings:
     connect_timeout_seconds: float = 30.0
     read_timeout_seconds: float = 120.0  # longest silence tolerated mid-body
     log_level: str = "INFO"
+    mode: str = "online"  # online | fallback (the same for immutable versions) | offline (never upstream)
+    admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
 
     @property
     def listen_host(self) -> str:
@@ -147,5 +150,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen port out of range: {port}")
+    if settings.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
+    if settings.admin_token is not None and len(settings.admin_token) < 16:
+        raise ConfigError("admin_token must be at least 16 characters")
     if settings.retries < 0 or settings.backoff_seconds < 0:
         raise ConfigError("retries and backoff_seconds must not be negative")

@@ -11,6 +11,7 @@ import fnmatch
 import time
 from dataclasses import dataclass
 
+from .handles import parse_handle_url
 from .store import Entry
 
 
@@ -74,3 +75,9 @@ def _group_by_blob(entries: list[Entry]) -> dict[str, list[Entry]]:
 def _plan(by_blob: dict[str, list[Entry]], victims: list[str]) -> Plan:
     keys = sorted(e.key for sha in victims for e in by_blob[sha])
     return Plan(keys, sorted(victims), sum(by_blob[sha][0].size for sha in victims))
+
+
+def patterns(typed: list[str]) -> list[str]:
+    """What operators type → match patterns: handle URLs become their keys (BadHandle if
+    malformed); keys, mirror paths and globs of either are kept as they are."""
+    return [parse_handle_url(p).key if p.startswith(("http://", "https://")) else p for p in typed]

@@ -105,6 +105,7 @@ class Flight:
         self._readers = 0
         self._read_fd: int | None = None
         self._temp: Path | None = None
+        self.started = asyncio.get_running_loop().time()
         self._wave = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name=f"flight {key}")
 
@@ -327,6 +328,10 @@ class Flights:
     def __len__(self) -> int:
         return len(self._active)
 
+    def keys(self) -> set[str]:
+        """Keys being fetched right now (never to be evicted or purged)."""
+        return set(self._active)
+
     @contextlib.asynccontextmanager
     async def join(self, key: str, url: str) -> AsyncIterator[tuple[Flight, bool]]:
         """Attach to the fetch for key, starting it if none runs; yields (flight, joined_existing)."""
@@ -350,6 +355,9 @@ class Flights:
             self._metrics.flights_in_progress.dec()
         if flight.error is not None:
             self._metrics.upstream_failures.labels(str(flight.error.status)).inc()
+        elif flight.entry is not None:
+            self._metrics.upstream_bytes.inc(flight.entry.size)
+            self._metrics.fetch_seconds.observe(asyncio.get_running_loop().time() - flight.started)
 
     async def close(self) -> None:
         tasks = [flight._task for flight in self._active.values()]

@@ -68,6 +68,18 @@ def parse_request_target(raw_target: str) -> Handle:
     return Handle(upstream=route(raw_path), path=_normalise_path(raw_path))
 
 
+def parse_handle_url(handle_url: str) -> Handle:
+    """Any spelling a user types (tfhub.dev, Kaggle, storage or mirror URL) → its Handle: the host
+    does not matter, the path routes it."""
+    parts = urllib.parse.urlsplit(handle_url)
+    if parts.scheme not in ("http", "https") or not parts.path:
+        raise BadHandle(f"{handle_url!r} is not a hub handle URL (https://tfhub.dev/<publisher>/<model>/<version>)")
+    try:
+        return parse_request_target(parts.path + (f"?{parts.query}" if parts.query else ""))
+    except BadHandle as e:
+        raise BadHandle(f"{handle_url}: {e}") from None
+
+
 def handle_from_key(key: str) -> Handle:
     """The Handle an index key was made from (keys are `upstream:/path`)."""
     upstream, _, path = key.partition(":")

@@ -6,7 +6,7 @@ Invariants: metrics only count, they never decide; label values come from a smal
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -22,6 +22,17 @@ class Metrics:
                                     registry=self.registry)
         self.upstream_failures = Counter("hubproxy_upstream_failures", "Fetches that failed, by the status sent.",
                                          ["status"], registry=self.registry)
+        self.upstream_bytes = Counter("hubproxy_upstream_bytes", "Archive bytes fetched and committed.",
+                                      registry=self.registry)
+        self.fetch_seconds = Histogram("hubproxy_fetch_seconds", "Duration of committed upstream fetches.",
+                                       buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+                                       registry=self.registry)
+        self.cache_bytes_served = Counter("hubproxy_cache_bytes_served", "Body bytes of hits sent from disk.",
+                                          registry=self.registry)
+        self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
+                                 registry=self.registry)
+        self.verify_failures = Counter("hubproxy_verify_failures", "Blobs found corrupt and quarantined.",
+                                       registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,8 @@ import re
 
 from aiohttp import web
 
+from . import admin
+from .appkeys import FLIGHTS, METRICS, SETTINGS, STORE, UPSTREAM
 from .config import Settings
 from .flight import FlightFailed, Flights
 from .handles import BadHandle, Handle, parse_request_target
@@ -29,11 +31,6 @@ HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 HIT_WRITE_SECONDS = 5.0
 
-STORE = web.AppKey("store", Store)
-FLIGHTS = web.AppKey("flights", Flights)
-UPSTREAM = web.AppKey("upstream", Upstream)
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -42,6 +39,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", hub)
     app.cleanup_ctx.append(_components)
     return app
@@ -88,6 +86,8 @@ async def hub(request: web.Request) -> web.StreamResponse:
                       headers={"Allow": "GET, HEAD"})
     if not request.raw_path.startswith("/"):
         return _error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
+    if request.raw_path.startswith("/admin/"):
+        return _error(404, "no such admin endpoint (or wrong method)")
     try:
         handle = parse_request_target(request.raw_path)
     except BadHandle as e:
@@ -102,6 +102,8 @@ async def hub(request: web.Request) -> web.StreamResponse:
         entry = None
     if entry is not None:
         return await _serve_hit(request, entry)
+    if request.app[SETTINGS].mode == "offline":
+        return _error(504, f"{handle.key} is not cached and this mirror is offline", headers={X_CACHE: MISS})
     if request.method == "HEAD":
         return await _head_upstream(request, handle)
     return await _serve_flight(request, handle)
@@ -154,6 +156,8 @@ async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> 
     headers["Content-Type"] = entry.content_type
     response = _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
     await response.prepare(request)
+    if request.method == "GET" and response.status in (200, 206):
+        request.app[METRICS].cache_bytes_served.inc(response.content_length or 0)
     return response
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .config import Settings
 from .flight import FlightFailed, Flights
-from .handles import BadHandle, Handle, parse_request_target
+from .handles import BadHandle, Handle, parse_handle_url
 from .metrics import Metrics
 from .store import Store
 from .upstream import Upstream
@@ -47,13 +47,10 @@ class Archive:
 
 def parse_handle(handle_url: str) -> Handle:
     """Any spelling a user types (tfhub.dev, Kaggle, storage or mirror URL) → the proxy's Handle."""
-    parts = urllib.parse.urlsplit(handle_url)
-    if parts.scheme not in ("http", "https") or not parts.path:
-        raise SourceError(f"{handle_url!r} is not a hub handle URL (https://tfhub.dev/<publisher>/<model>/<version>)")
     try:
-        return parse_request_target(parts.path + (f"?{parts.query}" if parts.query else ""))
+        return parse_handle_url(handle_url)
     except BadHandle as e:
-        raise SourceError(f"{handle_url}: {e}") from None
+        raise SourceError(str(e)) from None
 
 
 class CacheSource:

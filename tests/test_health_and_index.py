@@ -23,6 +23,10 @@ def test_metrics_count_outcomes(proxy, origin, archives):
     assert proxy.metric("hubproxy_requests_total", outcome="MISS") == 1
     assert proxy.metric("hubproxy_requests_total", outcome="HIT") == 2
     assert proxy.metric("hubproxy_flights_in_progress") == 0
+    size = archives.small.stat().st_size
+    assert proxy.metric("hubproxy_upstream_bytes_total") == size
+    assert proxy.metric("hubproxy_cache_bytes_served_total") == 2 * size
+    assert proxy.metric("hubproxy_fetch_seconds_count") == 1
 
 
 def test_index_records_what_operators_need(proxy, origin, archives):
