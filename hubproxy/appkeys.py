@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from aiohttp import web
 
 from .config import Settings
@@ -15,3 +17,4 @@ FLIGHTS = web.AppKey("flights", Flights)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+SERVING = web.AppKey("serving", collections.Counter)  # sha256 → hits being sent right now

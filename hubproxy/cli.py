@@ -47,6 +47,8 @@ def main() -> None:
 @click.option("--retries", type=int, help="Extra attempts on 429/5xx/connection errors.  [default: 3]")
 @click.option("--backoff-seconds", type=float, help="First retry delay, doubled each time.  [default: 0.5]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--max-size", help="Evict least recently used entries above SIZE (200G).")
+@click.option("--min-free", help="Evict when the cache's disk has less than SIZE free.")
 @click.option("--mode", type=click.Choice(["online", "fallback", "offline"]),
               help="offline never contacts upstream (a miss is a 504).  [default: online]")
 def serve(config_file, **flags) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .handles import DEFAULT_UPSTREAMS, UPSTREAM_NAMES
+from .units import parse_size
 
 ENV_PREFIX = "HUBPROXY_"
 
@@ -42,6 +43,8 @@ class Settings:
     connect_timeout_seconds: float = 30.0
     read_timeout_seconds: float = 120.0  # longest silence tolerated mid-body
     log_level: str = "INFO"
+    max_size: str | None = None  # evict least recently used above this (e.g. "200G")
+    min_free: str | None = None  # evict when the disk has less free than this
     mode: str = "online"  # online | fallback (the same for immutable versions) | offline (never upstream)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
 
@@ -150,6 +153,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen port out of range: {port}")
+    for name in ("max_size", "min_free"):
+        value = getattr(settings, name)
+        try:
+            value is None or parse_size(value)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:

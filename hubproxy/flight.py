@@ -324,6 +324,7 @@ class Flights:
         self._upstream = upstream
         self._metrics = metrics
         self._active: dict[str, Flight] = {}
+        self.on_commit: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._active)
@@ -356,6 +357,8 @@ class Flights:
         if flight.error is not None:
             self._metrics.upstream_failures.labels(str(flight.error.status)).inc()
         elif flight.entry is not None:
+            if self.on_commit is not None:
+                self.on_commit()
             self._metrics.upstream_bytes.inc(flight.entry.size)
             self._metrics.fetch_seconds.observe(asyncio.get_running_loop().time() - flight.started)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import re
@@ -16,12 +17,14 @@ import re
 from aiohttp import web
 
 from . import admin
-from .appkeys import FLIGHTS, METRICS, SETTINGS, STORE, UPSTREAM
+from .appkeys import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .config import Settings
 from .flight import FlightFailed, Flights
 from .handles import BadHandle, Handle, parse_request_target
+from .housekeeping import Housekeeper
 from .metrics import Metrics
 from .store import Entry, Store
+from .units import parse_size
 from .upstream import Evidence, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,6 @@ log = logging.getLogger(__name__)
 X_CACHE = "X-Cache"
 HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-HIT_WRITE_SECONDS = 5.0
 
 
 
@@ -54,21 +56,21 @@ async def _components(app: web.Application):
     upstream = Upstream(settings)
     await upstream.start()
     app[STORE], app[UPSTREAM] = store, upstream
-    app[FLIGHTS] = Flights(store, upstream, app[METRICS])
-    hit_writer = asyncio.create_task(_write_hits_periodically(store))
+    app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS])
+    app[SERVING] = serving = collections.Counter()
+    keeper = Housekeeper(store, app[METRICS], busy_keys=flights.keys, busy_blobs=lambda: set(+serving),
+                         max_size=_size_or_none(settings.max_size), min_free=_size_or_none(settings.min_free))
+    flights.on_commit = keeper.poke
+    upkeep = asyncio.create_task(keeper.run())
     yield
-    hit_writer.cancel()
-    await app[FLIGHTS].close()
+    upkeep.cancel()
+    await flights.close()
     await upstream.close()
     store.close()
 
 
-async def _write_hits_periodically(store: Store) -> None:
-    """Hits are counted in memory and written in batches: an index write per hit would cost
-    more than serving a cached HEAD."""
-    while True:
-        await asyncio.sleep(HIT_WRITE_SECONDS)
-        await asyncio.to_thread(store.write_hits, store.take_hits())
+def _size_or_none(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -155,7 +157,12 @@ async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> 
                                              "Accept-Encoding"))
     headers["Content-Type"] = entry.content_type
     response = _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
-    await response.prepare(request)
+    serving = request.app[SERVING]
+    serving[entry.sha256] += 1  # not evicted while being sent
+    try:
+        await response.prepare(request)
+    finally:
+        serving[entry.sha256] -= 1
     if request.method == "GET" and response.status in (200, 206):
         request.app[METRICS].cache_bytes_served.inc(response.content_length or 0)
     return response

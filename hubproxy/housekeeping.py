@@ -1,0 +1,77 @@
+"""Background upkeep of a serving cache: hit counts written in batches, and eviction to the caps.
+
+Invariants: eviction starts when usage passes max_size (the high mark) or free disk falls below
+min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); it never takes
+a pinned entry, a key being fetched, or a blob being sent; index work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from typing import Callable
+
+from . import evict
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+PERIOD_SECONDS = 5.0
+LOW_WATERMARK = 0.9
+
+
+class Housekeeper:
+    def __init__(self, store: Store, metrics: Metrics, busy_keys: Callable[[], set[str]],
+                 busy_blobs: Callable[[], set[str]], max_size: int | None, min_free: int | None):
+        self._store = store
+        self._metrics = metrics
+        self._busy_keys = busy_keys
+        self._busy_blobs = busy_blobs
+        self._max_size = max_size
+        self._min_free = min_free
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Something was committed: check the caps now rather than at the next period."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), PERIOD_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await asyncio.to_thread(self._store.write_hits, self._store.take_hits())
+            if self._max_size is not None or self._min_free is not None:
+                await self._evict_if_needed()
+
+    async def _evict_if_needed(self) -> None:
+        entries = await asyncio.to_thread(self._store.entries)
+        target = self._target(evict.usage(entries))
+        if target is None:
+            return
+        busy_keys, busy_blobs = self._busy_keys(), self._busy_blobs()
+        candidates = [e for e in entries if e.key not in busy_keys and e.sha256 not in busy_blobs]
+        protected = evict.usage(entries) - evict.usage(candidates)
+        plan = evict.to_fit(candidates, max(0, target - protected))
+        if not plan.keys:
+            log.warning("cache over its cap but nothing can be evicted (pinned, in flight or being served)")
+            return
+        await asyncio.to_thread(self._store.remove_keys, plan.keys)
+        await asyncio.to_thread(self._store.delete_unused_blobs, plan.blobs)
+        self._metrics.evictions.inc(len(plan.keys))
+        log.info("evicted %d entries, %d bytes", len(plan.keys), plan.freed)
+
+    def _target(self, used: int) -> int | None:
+        """The usage to shrink to, or None when within the caps."""
+        targets = []
+        if self._max_size is not None and used > self._max_size:
+            targets.append(int(self._max_size * LOW_WATERMARK))
+        if self._min_free is not None:
+            shortfall = self._min_free - shutil.disk_usage(self._store.root).free
+            if shortfall > 0:
+                targets.append(max(0, used - shortfall - int(self._min_free * (1 - LOW_WATERMARK))))
+        return min(targets) if targets else None
