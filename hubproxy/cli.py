@@ -20,7 +20,7 @@ import click
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import __version__, bundle, client, evict, keys, sources, tfcache, ui, verify
+from . import __version__, accesslog, bundle, client, evict, keys, sources, tfcache, ui, verify
 from .config import ConfigError, Settings, load_settings
 from .handles import BadHandle
 from .store import Store
@@ -85,7 +85,9 @@ def _settings_or_exit(config_file, flags) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    runner = web.AppRunner(create_app(settings), access_log_format='%a "%r" %s %b %Tfs X-Cache=%{X-Cache}o')
+    access_log = logging.getLogger("hubproxy.access")
+    accesslog.configure(access_log)
+    runner = web.AppRunner(create_app(settings), access_log_class=accesslog.JsonAccessLogger, access_log=access_log)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
     await site.start()

@@ -17,6 +17,7 @@ import re
 from aiohttp import web
 
 from . import admin
+from .accesslog import BODY_BYTES_KEY, HANDLE_KEY
 from .appkeys import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .config import Settings
 from .flight import FlightFailed, Flights
@@ -94,6 +95,7 @@ async def hub(request: web.Request) -> web.StreamResponse:
         handle = parse_request_target(request.raw_path)
     except BadHandle as e:
         return _error(400, str(e))
+    request[HANDLE_KEY] = handle.key
     range_problem = _range_problem(request.headers.get("Range"))
     if range_problem:
         return _error(400, range_problem)
@@ -137,6 +139,7 @@ class _BlobResponse(web.FileResponse):
 
 
 async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse:
+    original = request  # the one the access log sees; clones below carry only adjusted headers
     store = request.app[STORE]
     if outcome == HIT:
         request.app[METRICS].requests.labels(HIT).inc()
@@ -164,7 +167,8 @@ async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> 
     finally:
         serving[entry.sha256] -= 1
     if request.method == "GET" and response.status in (200, 206):
-        request.app[METRICS].cache_bytes_served.inc(response.content_length or 0)
+        original[BODY_BYTES_KEY] = response.content_length or 0
+        request.app[METRICS].cache_bytes_served.inc(original[BODY_BYTES_KEY])
     return response
 
 
@@ -232,6 +236,7 @@ async def _send_chunked(request: web.Request, flight) -> None:
     through Python). The terminating chunk is left to the caller: it is the promise of a
     complete, verified archive."""
     loop = asyncio.get_running_loop()
+    request[BODY_BYTES_KEY] = 0
     with flight.open_file() as archive:
         async with contextlib.aclosing(flight.spans()) as spans:
             async for start, length in spans:
@@ -241,6 +246,7 @@ async def _send_chunked(request: web.Request, flight) -> None:
                 transport.write(b"%x\r\n" % length)
                 await loop.sendfile(transport, archive, start, length)
                 transport.write(b"\r\n")
+                request[BODY_BYTES_KEY] += length
 
 
 async def _serve_when_committed(request: web.Request, flight) -> web.StreamResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,17 @@ def test_console_script_is_installed():
     script = Path(sys.executable).with_name("hubproxy")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "hubproxy" in result.stdout
+
+
+def test_access_log_is_one_json_object_per_request(proxy, origin, archives):
+    model = origin.register(archives.small)
+    proxy.get(f"/{model.handle}?tf-hub-format=compressed")
+    proxy.get(f"/{model.handle}")
+    proxy.stop()
+
+    lines = [json.loads(line) for line in proxy.log.read_text().splitlines() if line.startswith("{")]
+    hub_lines = [line for line in lines if line["handle"] == f"tfhub:/{model.handle}"]
+    assert [line["outcome"] for line in hub_lines] == ["MISS", "HIT"]
+    size = archives.small.stat().st_size
+    assert all(line["status"] == 200 and line["bytes"] == size and line["client"] for line in hub_lines)
+    assert all("?" not in line["path"] for line in lines)
