@@ -29,6 +29,8 @@ class Metrics:
                                        registry=self.registry)
         self.cache_bytes_served = Counter("hubproxy_cache_bytes_served", "Body bytes of hits sent from disk.",
                                           registry=self.registry)
+        self.cache_entries = Gauge("hubproxy_cache_entries", "Index entries (handles) cached.", registry=self.registry)
+        self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry)
         self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
                                  registry=self.registry)
         self.verify_failures = Counter("hubproxy_verify_failures", "Blobs found corrupt and quarantined.",

@@ -109,13 +109,35 @@ class Store:
         return pending
 
     def entries(self) -> list[Entry]:
-        """Every index entry (a snapshot; entries removed meanwhile are skipped)."""
-        found = []
-        for key in list(self._index.iterkeys()):
-            raw = self._index.get(key)
-            if raw is not None:
-                found.append(Entry(**raw))
+        """Every index entry (a snapshot). diskcache has no bulk read, and a get per key costs
+        2.6 s for 100k entries; one SELECT through its own connection and value decoder costs
+        0.26 s. Should that internal ever change, the per-key path still works."""
+        try:
+            rows = self._index._sql("SELECT mode, value, filename FROM Cache").fetchall()
+            raws = [self._index.disk.fetch(mode, filename, value, False) for mode, value, filename in rows]
+        except (AttributeError, TypeError):
+            raws = [self._index.get(key) for key in list(self._index.iterkeys())]
+        return [Entry(**raw) for raw in raws if raw is not None]
+
+    def stored_blobs(self) -> set[str]:
+        """sha256 of every blob file present."""
+        found = set()
+        for shard in os.scandir(self.blobs):
+            if shard.is_dir():
+                found.update(name for name in os.listdir(shard.path) if _SHA256_HEX.fullmatch(name))
         return found
+
+    def reconcile(self) -> tuple[int, int]:
+        """After a crash: drop entries whose blob is gone, delete blobs no entry names (a commit
+        interrupted between rename and index write; nothing says under which key it belongs).
+        Returns (entries dropped, blobs deleted)."""
+        entries, blobs = self.entries(), self.stored_blobs()
+        dangling = [e.key for e in entries if e.sha256 not in blobs]
+        self.remove_keys(dangling)
+        strays = blobs - {e.sha256 for e in entries}
+        for sha256 in strays:
+            self.blob_path(sha256).unlink(missing_ok=True)
+        return len(dangling), len(strays)
 
     def blobs_in_use(self) -> dict[str, list[str]]:
         """sha256 → the keys naming it."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 
-from tests.conftest import hub_load, loaded_output
+from tests.conftest import hub_load, loaded_output, run_cli
 
 
 def _dead_upstreams() -> dict[str, str]:
@@ -50,3 +52,33 @@ def test_upstream_down_still_serves_hits_and_explains_misses(proxy_factory, clea
     status, _, reason = offline.get("/google/never-cached/1")
     assert status == 502
     assert b"cannot reach upstream" in reason and b"after 2 attempts" in reason
+
+
+def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_path):
+    origin = clean_origin
+    cache_dir = tmp_path / "cache"
+    kept, lost = (origin.register(_stand_in(tmp_path, name)) for name in ("kept", "lost"))
+    first = proxy_factory(cache_dir)
+    for model in (kept, lost):
+        assert first.get(f"/{model.handle}")[0] == 200
+    first.stop()
+    lost_blob = next(p for p in (cache_dir / "blobs").rglob("*")
+                     if p.is_file() and p.read_bytes() == (tmp_path / "lost.tar.gz").read_bytes())
+    lost_blob.unlink()  # the index still names it
+    stray = cache_dir / "blobs" / "sha256" / "ab" / ("ab" + "0" * 62)
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"\x1f\x8b left by a commit that never reached the index")
+
+    restarted = proxy_factory(cache_dir)
+    restarted.wait_for_metric("hubproxy_cache_entries", 1)
+
+    assert not stray.exists()
+    restarted.stop()
+    listing = run_cli("cache", "ls", "--json", "--cache-dir", cache_dir)
+    assert [entry["key"] for entry in json.loads(listing.stdout)] == [f"tfhub:/{kept.handle}"]
+
+
+def _stand_in(tmp_path, name):
+    path = tmp_path / f"{name}.tar.gz"
+    path.write_bytes(b"\x1f\x8b" + os.urandom(10_000))
+    return path
