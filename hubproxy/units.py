@@ -9,25 +9,24 @@ from __future__ import annotations
 import re
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", re.IGNORECASE)
-_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+_BYTES = {unit: 1024 ** power for power, unit in enumerate(("", "K", "M", "G", "T", "P"))}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+_SECONDS = {"": 1, "S": 1, "M": 60, "H": 3600, "D": 86400, "W": 604800}
 
 
 def parse_size(text: str) -> int:
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (try 512M, 200G, 1.5T)")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** _POWERS[unit.upper()])
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    """Bytes in a size such as 512M, 200G, 1.5T (a bare number is bytes)."""
+    return int(_parse(text, _SIZE, _BYTES, "size", "512M, 200G, 1.5T"))
 
 
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as 30d, 12h, 90m, 45s (a bare number is seconds)."""
-    match = _DURATION.fullmatch(text)
+    return _parse(text, _DURATION, _SECONDS, "duration", "30d, 12h, 90m")
+
+
+def _parse(text: str, pattern: re.Pattern, units: dict[str, int], kind: str, examples: str) -> float:
+    match = pattern.fullmatch(text)
     if not match:
-        raise ValueError(f"not a duration: {text!r} (try 30d, 12h, 90m)")
+        raise ValueError(f"not a {kind}: {text!r} (try {examples})")
     number, unit = match.groups()
-    return float(number) * _SECONDS[unit.lower()]
+    return float(number) * units[unit.upper()]

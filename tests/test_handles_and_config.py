@@ -10,6 +10,7 @@ import pytest
 
 from hubproxy.config import ConfigError, Settings, load_settings
 from hubproxy.handles import BadHandle, parse_request_target, tfhub_cache_name
+from hubproxy.units import parse_duration, parse_size
 from hubproxy.upstream import HostPolicy, UpstreamError
 
 
@@ -110,3 +111,21 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "unknown setting 'nonsense'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, size", [("250K", 256_000), ("1.5G", int(1.5 * 2**30)), ("2GiB", 2 << 30), ("4096", 4096)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "x", "1Q", "-1", "10 parsecs"])
+def test_malformed_sizes_and_durations_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+    with pytest.raises(ValueError):
+        parse_duration(bad)
