@@ -16,7 +16,7 @@ import re
 
 from aiohttp import web
 
-from . import admin
+from . import admin, browse
 from .accesslog import BODY_BYTES_KEY, HANDLE_KEY
 from .appkeys import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .config import Settings
@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", browse_page)
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", hub)
     app.cleanup_ctx.append(_components)
@@ -76,6 +77,12 @@ def _size_or_none(text: str | None) -> int | None:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
+
+
+async def browse_page(request: web.Request) -> web.Response:
+    entries = await asyncio.to_thread(request.app[STORE].entries)
+    base_url = f"{request.scheme}://{request.host}"
+    return browse.response(entries, base_url, _size_or_none(request.app[SETTINGS].max_size))
 
 
 async def metrics(request: web.Request) -> web.Response:
