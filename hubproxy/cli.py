@@ -160,7 +160,8 @@ def _upstream_options(command):
 @click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
 @click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Read a hubproxy cache dir; no network.")
-@click.option("--file", "handle_file", type=click.File(), help="Handles, one model per line (spellings space-separated).")
+@click.option("--file", "handle_file", type=click.File(),
+              help="Handles, one model per line (spellings space-separated).")
 @click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
 @click.option("--force", is_flag=True, help="Refresh entries that are already present.")
 @_upstream_options

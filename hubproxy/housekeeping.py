@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import shutil
+import time
 from typing import Callable
 
 from . import evict
@@ -34,6 +35,7 @@ class Housekeeper:
         self._max_size = max_size
         self._min_free = min_free
         self._wake = asyncio.Event()
+        self._created = time.time()  # blobs written after this belong to this process's commits
 
     def poke(self) -> None:
         """Something was committed: check the caps now rather than at the next period."""
@@ -41,7 +43,7 @@ class Housekeeper:
 
     async def run(self) -> None:
         started = asyncio.get_running_loop().time()
-        dropped, strays = await asyncio.to_thread(self._store.reconcile)
+        dropped, strays = await asyncio.to_thread(self._store.reconcile, self._created)
         log.info("index and blobs reconciled in %.2fs: %d entries without a blob dropped, %d stray blobs deleted",
                  asyncio.get_running_loop().time() - started, dropped, strays)
         await self._measure()

@@ -35,7 +35,6 @@ HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings

@@ -7,6 +7,7 @@ every path this module touches is below the cache root. Knows nothing of HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -127,17 +128,22 @@ class Store:
                 found.update(name for name in os.listdir(shard.path) if _SHA256_HEX.fullmatch(name))
         return found
 
-    def reconcile(self) -> tuple[int, int]:
+    def reconcile(self, older_than: float) -> tuple[int, int]:
         """After a crash: drop entries whose blob is gone, delete blobs no entry names (a commit
         interrupted between rename and index write; nothing says under which key it belongs).
-        Returns (entries dropped, blobs deleted)."""
+        Only blobs last written before `older_than` (a time.time()) count as strays, so a commit
+        racing this scan is left alone. Returns (entries dropped, blobs deleted)."""
         entries, blobs = self.entries(), self.stored_blobs()
         dangling = [e.key for e in entries if e.sha256 not in blobs]
         self.remove_keys(dangling)
-        strays = blobs - {e.sha256 for e in entries}
-        for sha256 in strays:
-            self.blob_path(sha256).unlink(missing_ok=True)
-        return len(dangling), len(strays)
+        deleted = 0
+        for sha256 in blobs - {e.sha256 for e in entries}:
+            blob = self.blob_path(sha256)
+            with contextlib.suppress(FileNotFoundError):
+                if blob.stat().st_mtime < older_than:
+                    blob.unlink()
+                    deleted += 1
+        return len(dangling), deleted
 
     def blobs_in_use(self) -> dict[str, list[str]]:
         """sha256 → the keys naming it."""
