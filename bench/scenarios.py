@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hubproxy import evict
 from hubproxy.store import Store
 
 from . import clients, harness
@@ -268,6 +269,7 @@ def index(ctx: Context) -> list[Metric]:
     start_empty = Metric("index", "start-up to listening, empty cache", "s")
     lookup_p50 = Metric("index", f"lookup p50, {n:,} entries", "ms")
     lookup_p99 = Metric("index", f"lookup p99, {n:,} entries", "ms", target=Target("<", 1.0))
+    eviction = Metric("index", f"one eviction pass: plan over {n:,} entries, evict 1% (LRU)", "s")
     with tempfile.TemporaryDirectory(prefix="hubproxy-bench-empty-") as empty:
         for _ in range(plan.reps):
             start_full.add(HUBPROXY, _start_up_seconds(ctx, cache_dir))
@@ -275,7 +277,23 @@ def index(ctx: Context) -> list[Metric]:
             p50, p99 = _lookup_percentiles(cache_dir, keys)
             lookup_p50.add(HUBPROXY, p50)
             lookup_p99.add(HUBPROXY, p99)
-    return [start_full, start_empty, lookup_p50, lookup_p99]
+        for _ in range(plan.reps):  # after the lookups: each pass shrinks the index a little
+            eviction.add(HUBPROXY, _eviction_pass_seconds(cache_dir))
+    return [start_full, start_empty, lookup_p50, lookup_p99, eviction]
+
+
+def _eviction_pass_seconds(cache_dir: Path) -> float:
+    """What the server's housekeeping does when over its cap: list, plan LRU, remove, delete."""
+    store = Store(cache_dir)
+    try:
+        started = time.monotonic()
+        entries = store.entries()
+        plan = evict.to_fit(entries, int(evict.usage(entries) * 0.99))
+        store.remove_keys(plan.keys)
+        store.delete_unused_blobs(plan.blobs)
+        return time.monotonic() - started
+    finally:
+        store.close()
 
 
 def _populate(cache_dir: Path, n: int) -> list[str]:

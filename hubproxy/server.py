@@ -107,7 +107,7 @@ async def hub(request: web.Request) -> web.StreamResponse:
         return _error(400, range_problem)
     store = request.app[STORE]
     entry = store.lookup(handle.key)
-    if entry is not None and request.method == "GET" and not store.has_blob(entry):
+    if entry is not None and _sends_body(request, entry) and not store.has_blob(entry):
         store.forget(handle.key)  # purged or evicted by another process since we looked
         entry = None
     if entry is not None:
@@ -120,6 +120,11 @@ async def hub(request: web.Request) -> web.StreamResponse:
 
 
 # -- HIT -------------------------------------------------------------------------------------
+
+def _sends_body(request: web.Request, entry: Entry) -> bool:
+    """Whether a hit will read the blob (HEAD and 304 answer from the index alone)."""
+    return request.method == "GET" and not _matches(request.headers.get("If-None-Match"), entry.sha256)
+
 
 class _BlobResponse(web.FileResponse):
     """FileResponse (sendfile, Range, HEAD) whose ETag is the blob's sha256, not mtime-size."""
