@@ -163,12 +163,12 @@ async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> 
         return web.Response(headers={**headers, "Content-Type": entry.content_type, "Accept-Ranges": "bytes",
                                      "Content-Length": str(entry.size)})
     del headers["ETag"]  # FileResponse sets it, through _BlobResponse
+    # Our own ETag rules above replace FileResponse's mtime-based conditionals; a stale If-Range
+    # means the whole archive.
+    dropped = ["If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Accept-Encoding"]
     if request.headers.get("If-Range") and not _matches(request.headers["If-Range"], entry.sha256):
-        request = request.clone(headers=_without(request.headers, "Range", "If-Range"))
-    # Our own ETag rules above replace FileResponse's mtime-based conditionals.
-    request = request.clone(headers=_without(request.headers, "If-None-Match", "If-Match",
-                                             "If-Modified-Since", "If-Unmodified-Since", "If-Range",
-                                             "Accept-Encoding"))
+        dropped.append("Range")
+    request = request.clone(headers=_without(request.headers, *dropped))
     headers["Content-Type"] = entry.content_type
     response = _BlobResponse(store.blob_path(entry.sha256), entry.sha256, headers=headers)
     serving = request.app[SERVING]

@@ -145,28 +145,31 @@ class UpstreamSource:
         if self._store is None:
             self._store = Store(self._scratch)
         try:
-            entry = asyncio.run(self._fetch(handle, progress))
+            entry = asyncio.run(fetch_verified(self._store, self._settings, handle, progress))
         except FlightFailed as e:
             raise SourceError(f"{handle_url}: {e.message}") from None
         return Archive(self._store.blob_path(entry.sha256), entry.sha256, entry.size, entry.source, disposable=True)
-
-    async def _fetch(self, handle: Handle, progress: Progress | None):
-        upstream = Upstream(self._settings)
-        await upstream.start()
-        try:
-            flights = Flights(self._store, upstream, Metrics())
-            url = handle.upstream_url(self._settings.upstreams[handle.upstream])
-            async with flights.join(handle.key, url) as (flight, _):
-                finished = asyncio.ensure_future(flight.finished())
-                while not finished.done():
-                    await asyncio.wait([finished], timeout=0.2)
-                    if progress and flight.evidence is not None:
-                        progress(flight.written, flight.evidence.content_length)
-                return finished.result()
-        finally:
-            await upstream.close()
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+async def fetch_verified(store: Store, settings: Settings, handle: Handle, progress: Progress | None = None):
+    """Fetch one handle into store with the proxy's own verified fetch (flight + store), outside
+    any server; returns the committed Entry or raises FlightFailed."""
+    upstream = Upstream(settings)
+    await upstream.start()
+    try:
+        flights = Flights(store, upstream, Metrics())
+        url = handle.upstream_url(settings.upstreams[handle.upstream])
+        async with flights.join(handle.key, url) as (flight, _):
+            finished = asyncio.ensure_future(flight.finished())
+            while not finished.done():
+                await asyncio.wait([finished], timeout=0.2)
+                if progress and flight.evidence is not None:
+                    progress(flight.written, flight.evidence.content_length)
+            return finished.result()
+    finally:
+        await upstream.close()

@@ -12,11 +12,10 @@ import hashlib
 from dataclasses import dataclass
 
 from .config import Settings
-from .flight import FlightFailed, Flights
+from .flight import FlightFailed
 from .handles import BadHandle, handle_from_key
-from .metrics import Metrics
+from .sources import fetch_verified
 from .store import Store
-from .upstream import Upstream
 
 _BLOCK = 1 << 20
 
@@ -59,23 +58,13 @@ def quarantine_all(store: Store, findings: list[Finding]) -> None:
 
 def refetch(store: Store, settings: Settings, keys: list[str]) -> list[tuple[str, str | None]]:
     """Fetch keys afresh from upstream with the proxy's verified fetch: (key, problem or None)."""
-    return asyncio.run(_refetch(store, settings, keys))
-
-
-async def _refetch(store: Store, settings: Settings, keys: list[str]) -> list[tuple[str, str | None]]:
-    upstream = Upstream(settings)
-    await upstream.start()
-    flights = Flights(store, upstream, Metrics())
     results: list[tuple[str, str | None]] = []
-    try:
-        for key in keys:
-            try:
-                handle = handle_from_key(key)
-                async with flights.join(key, handle.upstream_url(settings.upstreams[handle.upstream])) as (flight, _):
-                    await flight.finished()
-                results.append((key, None))
-            except (FlightFailed, BadHandle) as e:
-                results.append((key, getattr(e, "message", str(e))))
-    finally:
-        await upstream.close()
+    for key in keys:
+        try:
+            asyncio.run(fetch_verified(store, settings, handle_from_key(key)))
+            results.append((key, None))
+        except FlightFailed as e:
+            results.append((key, e.message))
+        except BadHandle as e:
+            results.append((key, str(e)))
     return results
