@@ -3,7 +3,9 @@
 Invariants: at most one fetch per key at a time, and it runs to the end even if every reader
 leaves; an entry is committed only when the byte count and every checksum the origin gave match;
 readers never receive the final HOLDBACK bytes of an archive before it is verified, so a bad
-fetch always ends their stream short of a complete archive.
+fetch always ends their stream short of a complete archive. When the disk refuses the bytes
+(full, read-only) the fetch goes on in memory for the readers it has, paced by the slowest, and
+stores nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import google_crc32c
 
 from .handles import strip_query
 from .metrics import Metrics
-from .store import Entry, Store
+from .store import Entry, Store, disk_trouble
 from .upstream import Evidence, Upstream, UpstreamError
+from .window import Window
+from .writehealth import WriteHealth
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ MAX_PENDING_CHUNKS = 4  # received but not yet written and hashed: bounds memory
 # reader lacks them, tensorflow_hub cannot finish extracting, so it fails if we then hang up.
 HOLDBACK = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+# In pass-through, what one fetch may hold in memory for its slowest reader (> HOLDBACK + a batch).
+PASS_THROUGH_LIMIT = 16 * 1024 * 1024
 
 
 class FlightFailed(Exception):
@@ -54,7 +60,12 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
     COMMITTED = "committed"
+    PASSED = "passed through"  # verified and delivered, but the cache could not store it
     FAILED = "failed"
+
+
+VERIFIED = (State.COMMITTED, State.PASSED)
+ENDED = (State.COMMITTED, State.PASSED, State.FAILED)
 
 
 class Digests:
@@ -89,8 +100,22 @@ class Digests:
         return None
 
 
+class _Batch:
+    """Received pieces on their way to the hasher and the disk."""
+
+    def __init__(self, start: int, pieces: list[bytes], hashed: asyncio.Future):
+        self.start, self.pieces, self.hashed = start, pieces, hashed
+        self.size = sum(map(len, pieces))
+        self.write: asyncio.Future | None = None
+
+    def cancel(self) -> None:
+        for future in (self.hashed, self.write):
+            if future is not None:
+                future.cancel()
+
+
 class Flight:
-    def __init__(self, key: str, url: str, store: Store, upstream: Upstream,
+    def __init__(self, key: str, url: str, store: Store, upstream: Upstream, health: WriteHealth,
                  on_done: Callable[["Flight"], None]):
         self.key = key
         self.url = url
@@ -98,11 +123,16 @@ class Flight:
         self.evidence: Evidence | None = None
         self.entry: Entry | None = None
         self.error: FlightFailed | None = None
-        self.written = 0
+        self.written = 0  # bytes [0, written) are in the temp file
         self._store = store
         self._upstream = upstream
+        self._health = health
         self._on_done = on_done
         self._readers = 0
+        self._streamers = 0  # readers that will follow spans(), as opposed to waiting for the end
+        self._positions: dict[object, int] = {}  # each running spans() → the offset it has sent up to
+        self._window: Window | None = None  # the bytes past `written`, once the disk refused them
+        self._disk_failed = False
         self._read_fd: int | None = None
         self._temp: Path | None = None
         self.started = asyncio.get_running_loop().time()
@@ -111,11 +141,24 @@ class Flight:
 
     # -- readers ---------------------------------------------------------------------------
 
-    def attach(self) -> None:
-        self._readers += 1
+    @property
+    def received(self) -> int:
+        """Archive bytes received so far (on disk, or past `written` in the window)."""
+        return self.written if self._window is None else self._window.end
 
-    def detach(self) -> None:
+    @property
+    def joinable(self) -> bool:
+        """A new reader can still get every byte (pass-through drops what its readers have sent)."""
+        return self._window is None or self._window.start == self.written
+
+    def attach(self, streaming: bool) -> None:
+        self._readers += 1
+        self._streamers += streaming
+
+    def detach(self, streaming: bool) -> None:
         self._readers -= 1
+        self._streamers -= streaming
+        self._release_window()
         self._close_read_fd_if_unused()
 
     async def ready(self) -> None:
@@ -125,56 +168,85 @@ class Flight:
         if self.state is State.FAILED:
             raise self.error
 
-    async def spans(self, offset: int = 0) -> AsyncIterator[tuple[int, int]]:
-        """(start, length) of archive bytes as they become safe to send; raises FlightFailed.
+    async def spans(self, offset: int = 0) -> AsyncIterator[tuple[int, int, list[memoryview] | None]]:
+        """(start, length, data) of archive bytes as they become safe to send; raises FlightFailed.
+        `data` is None for bytes in the file (send them from open_file()), else the bytes themselves.
 
         Spans are coalesced: one sendfile per MiB per reader would spend the event loop on
         wake-ups when many clients follow a fetch, so a reader sends when MIN_SPAN bytes are
         ready or MAX_SPAN_DELAY has passed since its last send, whichever comes first."""
-        await self.ready()
-        loop = asyncio.get_running_loop()
-        last_send = -math.inf
-        while True:
-            limit = self._sendable()
-            ready = limit - offset
-            overdue = loop.time() - last_send >= MAX_SPAN_DELAY
-            if ready > 0 and (ready >= MIN_SPAN or overdue or self.state is not State.STREAMING):
-                yield offset, ready
-                offset, last_send = limit, loop.time()
-            elif self.state is State.COMMITTED:
-                return
-            elif self.state is State.FAILED:
-                raise self.error
-            elif ready > 0:
-                await _wait(self._wave, last_send + MAX_SPAN_DELAY - loop.time())
-            else:
-                await asyncio.shield(self._wave)
+        me = object()
+        self._positions[me] = offset
+        try:
+            await self.ready()
+            loop = asyncio.get_running_loop()
+            last_send = -math.inf
+            while True:
+                limit = self._sendable()
+                ready = limit - offset
+                overdue = loop.time() - last_send >= MAX_SPAN_DELAY
+                if ready > 0 and (ready >= MIN_SPAN or overdue or self.state is not State.STREAMING):
+                    span = self._span(offset, limit)
+                    yield span
+                    offset, last_send = offset + span[1], loop.time()
+                    self._positions[me] = offset
+                    self._release_window()
+                elif self.state in VERIFIED:
+                    return
+                elif self.state is State.FAILED:
+                    raise self.error
+                elif ready > 0:
+                    await _wait(self._wave, last_send + MAX_SPAN_DELAY - loop.time())
+                else:
+                    await asyncio.shield(self._wave)
+        finally:
+            del self._positions[me]
+            self._release_window()
 
-    def open_file(self) -> BinaryIO:
-        """A private read-only file object on the archive (for sendfile); needs ready(); caller closes."""
+    def open_file(self) -> BinaryIO | None:
+        """A private read-only file object on the archive (for sendfile), None when the disk took
+        none of it; needs ready(); caller closes."""
+        if self._read_fd is None:
+            return None
         return os.fdopen(os.dup(self._read_fd), "rb", buffering=0)
 
     async def finished(self) -> Entry:
         """Wait for the fetch to end: its committed entry, or FlightFailed."""
-        while self.state not in (State.COMMITTED, State.FAILED):
+        while self.state not in ENDED:
             await asyncio.shield(self._wave)
         if self.state is State.FAILED:
             raise self.error
+        if self.state is State.PASSED:
+            raise FlightFailed(503, f"{self.key} was fetched and verified, but the cache cannot store it now")
         return self.entry
 
     def _sendable(self) -> int:
-        if self.state is State.COMMITTED:
-            return self.written
+        if self.state in VERIFIED:
+            return self.received
         if self.state is State.STREAMING:
-            return max(0, self.written - HOLDBACK)
+            return max(0, self.received - HOLDBACK)
         return 0
+
+    def _span(self, offset: int, limit: int) -> tuple[int, int, list[memoryview] | None]:
+        """The next span from offset: from the file up to `written`, from the window after it."""
+        if self._window is None or limit <= self.written:
+            return offset, limit - offset, None
+        if offset < self.written:
+            return offset, self.written - offset, None
+        return offset, limit - offset, self._window.read(offset, limit - offset)
+
+    def _release_window(self) -> None:
+        """Let the window drop what every streaming reader has sent (all of it when none is left)."""
+        if self._window is None or len(self._positions) < self._streamers:
+            return  # an attached reader has not started yet: it will need the bytes from its start
+        self._window.drop_before(min(self._positions.values(), default=self._window.end))
 
     def _notify(self) -> None:
         wave, self._wave = self._wave, asyncio.get_running_loop().create_future()
         wave.set_result(None)
 
     def _close_read_fd_if_unused(self) -> None:
-        if self._readers == 0 and self.state in (State.COMMITTED, State.FAILED) and self._read_fd is not None:
+        if self._readers == 0 and self.state in ENDED and self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
 
@@ -188,25 +260,27 @@ class Flight:
                 source = strip_query(str(response.url))  # the final hop, without its signature
                 self.evidence = Evidence.from_headers(response.headers)
                 _refuse_unverifiable(self.evidence)
-                write_fd, self._temp = self._store.new_temp_file()
-                self._read_fd = os.open(self._temp, os.O_RDONLY)
+                write_fd = self._open_temp()
                 digests = Digests(self.evidence)
                 await self._stream(response, write_fd, digests)
-            os.close(write_fd)
-            write_fd = None
+            if write_fd is not None:
+                os.close(write_fd)
+                write_fd = None
             self._check(digests)
-            self.entry = await asyncio.to_thread(
-                self._store.commit, self.key, self._temp, digests.sha256.hexdigest(), self.written,
-                etag=self.evidence.etag, content_type=self.evidence.content_type,
-                source=source)
-            self.state = State.COMMITTED
-            log.info("committed %s: %d bytes, sha256 %s", self.key, self.written, self.entry.sha256)
+            if self._window is None:
+                await self._commit(digests.sha256.hexdigest(), source)
+            if self.entry is not None:
+                self.state = State.COMMITTED
+                log.info("committed %s: %d bytes, sha256 %s", self.key, self.written, self.entry.sha256)
+            else:
+                self.state = State.PASSED
+                log.info("delivered %s (%s) without storing it", self.key, digests.sha256.hexdigest())
         except UpstreamError as e:
             self._fail(FlightFailed(e.status, e.message))
         except FlightFailed as e:
             self._fail(e)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            self._fail(FlightFailed(502, f"upstream transfer broke after {self.written} bytes: {type(e).__name__}"))
+            self._fail(FlightFailed(502, f"upstream transfer broke after {self.received} bytes: {type(e).__name__}"))
         except asyncio.CancelledError:
             self._fail(FlightFailed(503, "hubproxy is shutting down"))
             raise
@@ -217,16 +291,42 @@ class Flight:
             if write_fd is not None:
                 os.close(write_fd)
             if self.state is not State.COMMITTED and self._temp is not None:
-                self._store.discard(self._temp)
+                with contextlib.suppress(OSError):  # a read-only disk keeps it until clear_temp at start
+                    self._store.discard(self._temp)
             self._on_done(self)
             self._notify()
             self._close_read_fd_if_unused()
 
-    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int, digests: Digests) -> None:
+    def _open_temp(self) -> int | None:
+        """The temp file's write descriptor, or None (pass-through) when the disk refuses one."""
+        try:
+            write_fd, self._temp = self._store.new_temp_file()
+        except OSError as e:
+            if disk_trouble(e) is None:
+                raise
+            self._pass_through(disk_trouble(e), at=0, batches=())
+            return None
+        self._read_fd = os.open(self._temp, os.O_RDONLY)
+        return write_fd
+
+    async def _commit(self, sha256: str, source: str) -> None:
+        try:
+            self.entry = await asyncio.to_thread(
+                self._store.commit, self.key, self._temp, sha256, self.written,
+                etag=self.evidence.etag, content_type=self.evidence.content_type, source=source)
+        except Exception as e:
+            if disk_trouble(e) is None:
+                raise
+            self._health.failed(disk_trouble(e), f"committing {self.key}")
+        else:
+            self._health.succeeded()
+
+    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int | None, digests: Digests) -> None:
         """Receive on the event loop while one thread writes and another hashes earlier chunks
-        (each single-threaded, so in order); readers are woken as each chunk reaches the file."""
+        (each single-threaded, so in order); readers are woken as each chunk reaches the file,
+        or the window once the disk has refused a write."""
         loop = asyncio.get_running_loop()
-        pending: collections.deque[asyncio.Future] = collections.deque()
+        pending: collections.deque[_Batch] = collections.deque()
         received = 0
         with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
             try:
@@ -235,23 +335,67 @@ class Flight:
                         if not b"".join(pieces[:2]).startswith(GZIP_MAGIC):
                             raise FlightFailed(502, "upstream did not send a gzip archive")
                         self.state = State.STREAMING
-                    received += sum(map(len, pieces))
-                    write = loop.run_in_executor(writer, _write_all, write_fd, pieces)
-                    write.add_done_callback(functools.partial(self._on_written, received))
-                    pending.append(asyncio.gather(write, loop.run_in_executor(hasher, digests.update_all, pieces)))
+                    batch = _Batch(received, pieces, loop.run_in_executor(hasher, digests.update_all, pieces))
+                    received += batch.size
+                    pending.append(batch)
+                    if self._window is None:
+                        batch.write = loop.run_in_executor(writer, _write_all, write_fd, pieces)
+                        batch.write.add_done_callback(functools.partial(self._on_written, received))
+                    else:
+                        await self._hold(pieces)
                     while len(pending) > MAX_PENDING_CHUNKS:
-                        await pending.popleft()
+                        await self._settle(pending)
                 while pending:
-                    await pending.popleft()
+                    await self._settle(pending)
             finally:
-                for chunk in pending:
-                    chunk.cancel()
-        self._advance(received)  # the last callbacks may not have run yet
+                for batch in pending:
+                    batch.cancel()
+        if self._window is None:
+            self._advance(received)  # the last callbacks may not have run yet
         if self.state is State.CONNECTING:
             raise FlightFailed(502, "upstream sent an empty body")
 
+    async def _settle(self, pending: collections.deque[_Batch]) -> None:
+        """Wait for the oldest batch to be hashed and written; a write the disk refuses turns the
+        fetch into pass-through from that batch on."""
+        batch = pending[0]
+        await batch.hashed
+        if batch.write is not None:
+            try:
+                await batch.write
+            except OSError as e:
+                if disk_trouble(e) is None:
+                    raise
+                self._pass_through(disk_trouble(e), at=batch.start, batches=pending)
+                self._require_streamers()
+        pending.popleft()
+
+    def _pass_through(self, reason: str, at: int, batches) -> None:
+        """The disk refused bytes from `at` on: keep them (and later ones) in memory instead."""
+        self._health.failed(reason, f"fetching {self.key}")
+        self._window = Window(at, PASS_THROUGH_LIMIT)
+        for batch in batches:
+            if batch.write is not None:
+                batch.write.cancel()
+                batch.write = None
+            self._window.append(batch.pieces)
+        self._notify()
+
+    async def _hold(self, pieces: list[bytes]) -> None:
+        self._window.append(pieces)
+        self._notify()
+        self._release_window()
+        self._require_streamers()
+        await self._window.wait_for_room()
+
+    def _require_streamers(self) -> None:
+        if self._streamers == 0:
+            raise FlightFailed(503, f"the cache cannot store {self.key} now and no client is left to stream it to")
+
     def _on_written(self, end: int, write: asyncio.Future) -> None:
-        if not write.cancelled() and write.exception() is None:
+        if write.cancelled() or write.exception() is not None:
+            self._disk_failed = True  # later writes land after a short one: never trust them
+        elif not self._disk_failed:
             self._advance(end)
 
     def _advance(self, end: int) -> None:
@@ -262,8 +406,8 @@ class Flight:
 
     def _check(self, digests: Digests) -> None:
         expected = self.evidence.content_length
-        if expected is not None and self.written != expected:
-            raise FlightFailed(502, f"upstream sent {self.written} of {expected} bytes")
+        if expected is not None and self.received != expected:
+            raise FlightFailed(502, f"upstream sent {self.received} of {expected} bytes")
         bad = digests.mismatch(self.evidence)
         if bad:
             raise FlightFailed(502, f"upstream bytes do not match its own {bad} checksum")
@@ -319,11 +463,13 @@ def _write_all(fd: int, pieces: list[bytes]) -> None:
 class Flights:
     """The registry of fetches under way, keyed by cache key."""
 
-    def __init__(self, store: Store, upstream: Upstream, metrics: Metrics):
+    def __init__(self, store: Store, upstream: Upstream, metrics: Metrics, health: WriteHealth | None = None):
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
-        self._active: dict[str, Flight] = {}
+        self.health = health or WriteHealth(metrics, store.root)
+        self._active: dict[str, Flight] = {}  # the flight a newcomer for the key joins
+        self._running: set[Flight] = set()  # including pass-through flights no newcomer can join
         self.on_commit: Callable[[], None] | None = None
 
     def __len__(self) -> int:
@@ -334,26 +480,32 @@ class Flights:
         return set(self._active)
 
     @contextlib.asynccontextmanager
-    async def join(self, key: str, url: str) -> AsyncIterator[tuple[Flight, bool]]:
-        """Attach to the fetch for key, starting it if none runs; yields (flight, joined_existing)."""
+    async def join(self, key: str, url: str, *, streaming: bool = True) -> AsyncIterator[tuple[Flight, bool]]:
+        """Attach to the fetch for key, starting it if none runs (or the running one can no longer
+        give a newcomer every byte); yields (flight, joined_existing). A streaming reader must
+        follow flight.spans(); others wait for flight.finished()."""
         flight = self._active.get(key)
-        joined = flight is not None
-        if flight is None:
-            flight = Flight(key, url, self._store, self._upstream, on_done=self._finished)
+        joined = flight is not None and flight.joinable
+        if not joined:
+            flight = Flight(key, url, self._store, self._upstream, self.health, on_done=self._finished)
             self._active[key] = flight
+            self._running.add(flight)
             self._metrics.flights_in_progress.inc()
-        flight.attach()
+        flight.attach(streaming)
         self._metrics.flight_readers.inc()
         try:
             yield flight, joined
         finally:
-            flight.detach()
+            flight.detach(streaming)
             self._metrics.flight_readers.dec()
 
     def _finished(self, flight: Flight) -> None:
+        self._metrics.flights_in_progress.dec()
+        self._running.discard(flight)
         if self._active.get(flight.key) is flight:
             del self._active[flight.key]
-            self._metrics.flights_in_progress.dec()
+        if flight.state is State.PASSED:
+            self._metrics.passthrough_fetches.inc()
         if flight.error is not None:
             self._metrics.upstream_failures.labels(str(flight.error.status)).inc()
         elif flight.entry is not None:
@@ -363,7 +515,7 @@ class Flights:
             self._metrics.fetch_seconds.observe(asyncio.get_running_loop().time() - flight.started)
 
     async def close(self) -> None:
-        tasks = [flight._task for flight in self._active.values()]
+        tasks = [flight._task for flight in self._running]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

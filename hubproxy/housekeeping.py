@@ -2,7 +2,8 @@
 
 Invariants: eviction starts when usage passes max_size (the high mark) or free disk falls below
 min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); it never takes
-a pinned entry, a key being fetched, or a blob being sent; index work runs in threads.
+a pinned entry, a key being fetched, or a blob being sent; index work runs in threads; a disk
+that refuses writes is reported and retried a period later, never the end of upkeep.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable
 
 from . import evict
 from .metrics import Metrics
-from .store import Store
+from .store import Store, disk_trouble
+from .writehealth import WriteHealth
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,11 @@ MEASURE_EVERY = 12  # periods
 
 
 class Housekeeper:
-    def __init__(self, store: Store, metrics: Metrics, busy_keys: Callable[[], set[str]],
+    def __init__(self, store: Store, metrics: Metrics, health: WriteHealth, busy_keys: Callable[[], set[str]],
                  busy_blobs: Callable[[], set[str]], max_size: int | None, min_free: int | None):
         self._store = store
         self._metrics = metrics
+        self._health = health
         self._busy_keys = busy_keys
         self._busy_blobs = busy_blobs
         self._max_size = max_size
@@ -54,12 +57,21 @@ class Housekeeper:
                 pass
             poked = self._wake.is_set()
             self._wake.clear()
-            await asyncio.to_thread(self._store.write_hits, self._store.take_hits())
-            # Listing 100k entries costs ~0.3 s: after a commit, or once a minute, not every period.
-            if poked or period % MEASURE_EVERY == 0:
-                entries = await self._measure()
-                if self._max_size is not None or self._min_free is not None:
-                    await self._evict_if_needed(entries)
+            try:
+                await self._upkeep(measure=poked or period % MEASURE_EVERY == 0)
+            except Exception as e:
+                if disk_trouble(e) is None:
+                    raise
+                self._health.failed(disk_trouble(e), "keeping the index")
+                self._wake.clear()  # that failure asked for a pass: the next period is soon enough
+
+    async def _upkeep(self, measure: bool) -> None:
+        await asyncio.to_thread(self._store.write_hits, self._store.take_hits())
+        # Listing 100k entries costs ~0.3 s: after a commit, or once a minute, not every period.
+        if measure:
+            entries = await self._measure()
+            if self._max_size is not None or self._min_free is not None:
+                await self._evict_if_needed(entries)
 
     async def _measure(self) -> list:
         entries = await asyncio.to_thread(self._store.entries)

@@ -33,6 +33,12 @@ class Metrics:
         self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry)
         self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
                                  registry=self.registry)
+        self.cache_write_errors = Counter("hubproxy_cache_write_errors", "Writes to the cache the disk refused, by reason.",
+                                          ["reason"], registry=self.registry)
+        self.cache_writable = Gauge("hubproxy_cache_writable", "0 while writes to the cache are failing, else 1.",
+                                    registry=self.registry)
+        self.passthrough_fetches = Counter("hubproxy_passthrough_fetches", "Archives verified and delivered to "
+                                           "clients but not stored (cache unwritable).", registry=self.registry)
         self.verify_failures = Counter("hubproxy_verify_failures", "Blobs found corrupt and quarantined.",
                                        registry=self.registry)
 

@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .store import Entry, Store
 from .units import parse_size
 from .upstream import Evidence, Upstream, UpstreamError
+from .writehealth import WriteHealth
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ async def _components(app: web.Application):
     upstream = Upstream(settings)
     await upstream.start()
     app[STORE], app[UPSTREAM] = store, upstream
-    app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS])
+    health = WriteHealth(app[METRICS], store.root)
+    app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS], health)
     app[SERVING] = serving = collections.Counter()
-    keeper = Housekeeper(store, app[METRICS], busy_keys=flights.keys, busy_blobs=lambda: set(+serving),
+    keeper = Housekeeper(store, app[METRICS], health, busy_keys=flights.keys, busy_blobs=lambda: set(+serving),
                          max_size=_size_or_none(settings.max_size), min_free=_size_or_none(settings.min_free))
-    flights.on_commit = keeper.poke
+    flights.on_commit = health.on_failure = keeper.poke  # the caps may need enforcing now
     upkeep = asyncio.create_task(keeper.run())
     yield
     upkeep.cancel()
@@ -219,20 +221,22 @@ def _range_problem(value: str | None) -> str | None:
 async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
     # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
     # are cut from verified blobs only.
-    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle)) as (flight, joined):
+    streaming = request.version >= (1, 1)
+    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle), streaming=streaming) as (
+            flight, joined):
         outcome = JOIN if joined else MISS
         request.app[METRICS].requests.labels(outcome).inc()
         try:
             await flight.ready()
         except FlightFailed as e:
             return _error(e.status, e.message, headers={X_CACHE: outcome})
-        if request.version < (1, 1):
+        if not streaming:
             return await _serve_when_committed(request, flight)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
         response.enable_chunked_encoding()
         await response.prepare(request)
         try:
-            await _send_chunked(request, flight)
+            await _send_chunked(request, response, flight)
             await response.write_eof()
         except FlightFailed as e:
             log.warning("cutting %s short for a client: %s", handle.key, e.message)
@@ -242,21 +246,25 @@ async def _serve_flight(request: web.Request, handle: Handle) -> web.StreamRespo
         return response
 
 
-async def _send_chunked(request: web.Request, flight) -> None:
+async def _send_chunked(request: web.Request, response: web.StreamResponse, flight) -> None:
     """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
-    through Python). The terminating chunk is left to the caller: it is the promise of a
-    complete, verified archive."""
+    through Python), or written from memory when the fetch is passing through. The terminating
+    chunk is left to the caller: it is the promise of a complete, verified archive."""
     loop = asyncio.get_running_loop()
     request[BODY_BYTES_KEY] = 0
-    with flight.open_file() as archive:
+    with flight.open_file() or contextlib.nullcontext() as archive:
         async with contextlib.aclosing(flight.spans()) as spans:
-            async for start, length in spans:
+            async for start, length, data in spans:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away")
-                transport.write(b"%x\r\n" % length)
-                await loop.sendfile(transport, archive, start, length)
-                transport.write(b"\r\n")
+                if data is None:
+                    transport.write(b"%x\r\n" % length)
+                    await loop.sendfile(transport, archive, start, length)
+                    transport.write(b"\r\n")
+                else:
+                    for view in data:
+                        await response.write(view)  # framed as a chunk of its own, with flow control
                 request[BODY_BYTES_KEY] += length
 
 

@@ -164,12 +164,12 @@ async def fetch_verified(store: Store, settings: Settings, handle: Handle, progr
     try:
         flights = Flights(store, upstream, Metrics())
         url = handle.upstream_url(settings.upstreams[handle.upstream])
-        async with flights.join(handle.key, url) as (flight, _):
+        async with flights.join(handle.key, url, streaming=False) as (flight, _):
             finished = asyncio.ensure_future(flight.finished())
             while not finished.done():
                 await asyncio.wait([finished], timeout=0.2)
                 if progress and flight.evidence is not None:
-                    progress(flight.written, flight.evidence.content_length)
+                    progress(flight.received, flight.evidence.content_length)
             return finished.result()
     finally:
         await upstream.close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +22,10 @@ from pathlib import Path
 import diskcache
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DISK_ERRNOS = {errno.ENOSPC: "no_space", errno.EDQUOT: "quota", errno.EROFS: "read_only",
+                errno.EFBIG: "too_big", errno.EIO: "io_error"}
+_SQLITE_DISK_ERRORS = {"database or disk is full": "no_space", "readonly database": "read_only",
+                       "disk i/o error": "io_error"}
 MEMO_SECONDS = 2.0
 MEMO_ENTRIES = 65536
 
@@ -36,6 +42,17 @@ class Entry:
     last_access: float
     hits: int = 0
     pinned: bool = False
+
+
+def disk_trouble(error: BaseException) -> str | None:
+    """Why a write to the cache failed when the disk is to blame (full, quota, read-only, I/O),
+    as a short label; None for any other failure."""
+    if isinstance(error, OSError):
+        return _DISK_ERRNOS.get(error.errno)
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        return next((label for words, label in _SQLITE_DISK_ERRORS.items() if words in text), None)
+    return None
 
 
 class Store:
@@ -213,15 +230,22 @@ class Store:
         `durable=False` skips the fsyncs (bulk loads such as the benchmark's synthetic index)."""
         blob = self.blob_path(sha256)
         blob.parent.mkdir(exist_ok=True)
+        placed = False
         if blob.is_file() and blob.stat().st_size == size:
             temp_path.unlink()  # the same bytes are already stored under another key
         else:
             if durable:
                 _fsync_file(temp_path)
             os.replace(temp_path, blob)
-            if durable:
+            placed = True
+        try:
+            if durable and placed:
                 _fsync_dir(blob.parent)
-        return self.add_key(key, sha256, size, etag=etag, content_type=content_type, source=source)
+            return self.add_key(key, sha256, size, etag=etag, content_type=content_type, source=source)
+        except BaseException:
+            if placed:  # no index entry will ever point at it
+                blob.unlink(missing_ok=True)
+            raise
 
     def add_key(self, key: str, sha256: str, size: int, *, etag: str | None, content_type: str,
                 source: str) -> Entry:

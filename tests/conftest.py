@@ -95,9 +95,10 @@ class Proxy:
         stop_process(self.process)
 
 
-def start_proxy(origin: Origin, cache_dir: Path, *extra: str, upstreams: dict | None = None) -> Proxy:
+def start_proxy(origin: Origin, cache_dir: Path, *extra: str, upstreams: dict | None = None,
+                log_dir: Path | None = None) -> Proxy:
     upstreams = upstreams or {name: origin.urls[name] for name in ("tfhub", "kaggle", "gcs")}
-    log = cache_dir.parent / f"{cache_dir.name}-proxy-{next(_unique)}.log"
+    log = (log_dir or cache_dir.parent) / f"{cache_dir.name}-proxy-{next(_unique)}.log"
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
             "--backoff-seconds", "0.01", *extra]
     for name, url in upstreams.items():
@@ -117,7 +118,7 @@ def proxy_factory(origin, tmp_path):
     started = []
 
     def start(cache_dir: Path | None = None, *extra: str, **kwargs) -> Proxy:
-        proxy = start_proxy(origin, cache_dir or tmp_path / "cache", *extra, **kwargs)
+        proxy = start_proxy(origin, cache_dir or tmp_path / "cache", *extra, log_dir=tmp_path, **kwargs)
         started.append(proxy)
         return proxy
 

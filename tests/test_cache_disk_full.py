@@ -1,0 +1,207 @@
+"""A cache disk that is full or read-only must not stop clients, and must never keep a partial archive.
+
+The proxy passes such fetches through from memory (paced by the slowest client), verifies them as
+ever, stores nothing, says so once per burst, and stores again as soon as the disk takes writes.
+The cache lives on a small tmpfs that each test mounts (skipped where the machine forbids mounts).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, raw_request
+from tests.test_large_archive_memory import _peak_rss
+
+DISK_SIZE = 16 << 20
+FREE_WHEN_FULL = 1536 << 10  # room for the first MiB of a fetch, not for a whole 4 MiB archive
+CANNOT_WRITE = "cannot write to"
+WRITES_AGAIN = "takes writes again"
+
+
+class SmallDisk:
+    def __init__(self, mount_point: Path):
+        self.mount_point = mount_point
+        self.cache_dir = mount_point / "cache"
+        self._filler = mount_point / "filler"
+
+    def fill(self, leave: int = FREE_WHEN_FULL) -> None:
+        free = os.statvfs(self.mount_point).f_bavail * os.statvfs(self.mount_point).f_frsize
+        with self._filler.open("ab") as filler:
+            filler.write(b"\0" * (free - leave))
+
+    def make_room(self) -> None:
+        self._filler.unlink()
+
+    def make_cache_read_only(self) -> None:
+        """What a kernel does to a file system after I/O errors: new writes fail with EROFS (a read-only
+        bind mount over the cache, since a running proxy's open index keeps a remount busy)."""
+        subprocess.run(["mount", "--bind", str(self.cache_dir), str(self.cache_dir)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(self.cache_dir)], check=True)
+
+    def make_cache_writable(self) -> None:
+        subprocess.run(["umount", str(self.cache_dir)], check=True)
+
+    def stored_files(self) -> list[Path]:
+        return [p for p in (self.cache_dir / "blobs").rglob("*") if p.is_file()] + list((self.cache_dir / "tmp").iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"this machine does not let the tests mount a tmpfs: {mounted.stderr.strip()}")
+    yield SmallDisk(mount_point)
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _log_count(proxy, text: str) -> int:
+    return proxy.log.read_text().count(text)
+
+
+def test_full_disk_serves_clients_commits_nothing_and_recovers(proxy_factory, clean_origin, small_disk, archives,
+                                                               tmp_path):
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    path = f"/{model.handle}?tf-hub-format=compressed"
+    small_disk.fill()
+
+    loaded = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
+    status, headers, body = proxy.get(path)
+
+    assert loaded_output(loaded) == archives.expected(archives.padded)
+    assert (status, headers["X-Cache"], body) == (200, "MISS", archives.padded.read_bytes())
+    assert small_disk.stored_files() == []
+    assert proxy.metric("hubproxy_cache_write_errors_total", reason="no_space") == 2
+    assert proxy.metric("hubproxy_passthrough_fetches_total") == 2
+    assert proxy.metric("hubproxy_cache_writable") == 0
+    assert _log_count(proxy, CANNOT_WRITE) == 1, "one line per burst, not one per failed write"
+
+    small_disk.make_room()
+    assert proxy.get(path)[1]["X-Cache"] == "MISS"  # nothing was indexed while the disk was full
+    status, headers, body = proxy.get(path)
+    assert (status, headers["X-Cache"], body) == (200, "HIT", archives.padded.read_bytes())
+    assert proxy.metric("hubproxy_cache_writable") == 1
+    assert _log_count(proxy, WRITES_AGAIN) == 1
+
+
+def test_read_only_cache_serves_clients_and_recovers(proxy_factory, clean_origin, small_disk, archives):
+    proxy = proxy_factory(small_disk.cache_dir)
+    cached, fresh = clean_origin.register(archives.small), clean_origin.register(archives.padded)
+    assert proxy.get(f"/{cached.handle}")[1]["X-Cache"] == "MISS"
+    small_disk.make_cache_read_only()
+
+    hit, miss = proxy.get(f"/{cached.handle}"), proxy.get(f"/{fresh.handle}")
+
+    assert (hit[0], hit[1]["X-Cache"], hit[2]) == (200, "HIT", archives.small.read_bytes())
+    assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
+    assert proxy.metric("hubproxy_cache_write_errors_total", reason="read_only") == 1
+    small_disk.make_cache_writable()
+    assert len(small_disk.stored_files()) == 1, "only the archive cached before"
+    assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "MISS"
+    assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "HIT"
+
+
+def test_cut_upstream_on_a_full_disk_still_makes_the_client_fail(proxy_factory, clean_origin, small_disk, archives,
+                                                                tmp_path):
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    clean_origin.faults(model, truncate_at=compressed_offset_of_member(archives.padded, "assets/pad-b.bin"))
+    small_disk.fill()
+
+    failed = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
+
+    assert failed.returncode != 0
+    assert model_dirs(tmp_path / "tfhub") == []
+    assert small_disk.stored_files() == []
+
+
+def test_http10_client_on_a_full_disk_gets_a_clear_refusal(proxy_factory, clean_origin, small_disk, archives):
+    """Without chunked encoding a cut cannot be signalled, so HTTP/1.0 clients only ever get stored
+    archives: with nothing storable they are told so, never sent a body that may be short."""
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    small_disk.fill()
+
+    status, body = raw_request(proxy.url, f"GET /{model.handle} HTTP/1.0\r\n\r\n".encode())
+
+    assert status == 503 and b"cannot store" in body
+    assert small_disk.stored_files() == []
+
+
+def test_herd_on_a_full_disk_shares_one_upstream_fetch(proxy_factory, clean_origin, small_disk, archives):
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    clean_origin.faults(model, hold_after=2 << 20)  # past what the disk takes
+    small_disk.fill()
+    results: list = []
+
+    def fetch() -> None:
+        results.append(proxy.get(f"/{model.handle}?tf-hub-format=compressed")[2])
+
+    clients = [threading.Thread(target=fetch) for _ in range(4)]
+    for client in clients:
+        client.start()
+    clean_origin.wait_held(1)
+    proxy.wait_for_metric("hubproxy_flight_readers", 4)
+    clean_origin.release()
+    for client in clients:
+        client.join(timeout=120)
+
+    assert results == [archives.padded.read_bytes()] * 4
+    assert clean_origin.object_gets(model) == 1
+    assert small_disk.stored_files() == []
+
+
+def test_pass_through_memory_is_paced_by_a_slow_client(proxy_factory, clean_origin, small_disk, tmp_path):
+    """Without the disk, a fast origin and a slow client would pile the archive up in memory."""
+    size = 96 << 20
+    archive = tmp_path / "big.tar.gz"
+    with archive.open("wb") as f:
+        f.write(b"\x1f\x8b" + os.urandom(size - 2))
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archive)
+    small_disk.fill()
+    baseline = _peak_rss(proxy.process.pid)
+
+    received = _read_slowly(proxy.url, f"/{model.handle}?tf-hub-format=compressed")
+
+    assert received == size
+    assert _peak_rss(proxy.process.pid) - baseline < size // 2
+    assert small_disk.stored_files() == []
+
+
+def _read_slowly(base_url: str, path: str) -> int:
+    """GET with a client reading about 50 MB/s, a tenth of what the origin sends; returns body bytes
+    (chunk framing included in the count, so it is parsed)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = bytearray()
+        while chunk := sock.recv(256 << 10):
+            raw += chunk
+            time.sleep(0.005)  # the pace of a slow client, not a synchronisation
+    head, _, body = bytes(raw).partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    return _dechunked_length(body)
+
+
+def _dechunked_length(body: bytes) -> int:
+    total, position = 0, 0
+    while True:
+        line_end = body.index(b"\r\n", position)
+        length = int(body[position:line_end], 16)
+        if length == 0:
+            return total
+        total += length
+        position = line_end + 2 + length + 2
