@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -22,10 +23,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, accesslog, bundle, client, evict, keys, sources, tfcache, ui, verify
 from .config import ConfigError, Settings, load_settings
+from .fastfront import FastFront
 from .handles import BadHandle
 from .store import Store
 from .units import parse_duration, parse_size
-from .server import create_app
+from .server import create_app, quick_hit
 
 log = logging.getLogger("hubproxy")
 
@@ -85,22 +87,30 @@ def _settings_or_exit(config_file, flags) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    access_log = logging.getLogger("hubproxy.access")
-    accesslog.configure(access_log)
-    runner = web.AppRunner(create_app(settings), access_log_class=accesslog.JsonAccessLogger, access_log=access_log)
+    access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
+                           access_log=logging.getLogger("hubproxy.access"))
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    loop = asyncio.get_running_loop()
+    front_connections: set[asyncio.Transport] = set()
+    answer = functools.partial(quick_hit, app)
+    listener = await loop.create_server(
+        lambda: FastFront(answer, runner.server, access_log, front_connections),
+        settings.listen_host, settings.listen_port, backlog=128)
+    host, port = listener.sockets[0].getsockname()[:2]
     click.echo(f"hubproxy {__version__} listening on http://{host}:{port} (cache {settings.cache_path})", )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
+        listener.close()
+        for transport in list(front_connections):
+            transport.close()
         await runner.cleanup()
+        access_log.flush()
 
 
 # -- offline clusters: warmup, tfcache, keys, bundles ------------------------------------------

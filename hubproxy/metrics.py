@@ -16,6 +16,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("hubproxy_requests", "Hub archive requests by cache outcome.",
                                 ["outcome"], registry=self.registry)
+        self.hits = self.requests.labels("HIT")
         self.flights_in_progress = Gauge("hubproxy_flights_in_progress", "Upstream fetches under way.",
                                          registry=self.registry)
         self.flight_readers = Gauge("hubproxy_flight_readers", "Clients attached to fetches under way.",
@@ -33,7 +34,8 @@ class Metrics:
         self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry)
         self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
                                  registry=self.registry)
-        self.cache_write_errors = Counter("hubproxy_cache_write_errors", "Writes to the cache the disk refused, by reason.",
+        self.cache_write_errors = Counter("hubproxy_cache_write_errors",
+                                          "Writes to the cache the disk refused, by reason.",
                                           ["reason"], registry=self.registry)
         self.cache_writable = Gauge("hubproxy_cache_writable", "0 while writes to the cache are failing, else 1.",
                                     registry=self.registry)

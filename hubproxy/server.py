@@ -11,6 +11,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import logging
 import re
 
@@ -20,6 +21,7 @@ from . import admin, browse
 from .accesslog import BODY_BYTES_KEY, HANDLE_KEY
 from .appkeys import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .config import Settings
+from .fastfront import encode_header_lines
 from .flight import FlightFailed, Flights
 from .handles import BadHandle, Handle, parse_request_target
 from .housekeeping import Housekeeper
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 X_CACHE = "X-Cache"
 HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+MAX_MEMO_TARGET = 512  # longer request targets are never hub handles worth remembering
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -151,19 +154,68 @@ class _BlobResponse(web.FileResponse):
         return await super().prepare(request)
 
 
+def quick_hit(app: web.Application, method: str, target: str, if_none_match: str | None
+              ) -> tuple[int, bytes, str] | None:
+    """(status, header lines, key) for a HEAD or a matching If-None-Match on a cached archive, the
+    answers that need no body and no aiohttp request (see fastfront); None for anything else."""
+    key = _key_of_target(target) if len(target) <= MAX_MEMO_TARGET else None
+    entry = None if key is None else app[STORE].lookup(key)
+    if entry is None:
+        return None
+    matched = _matches(if_none_match, entry.sha256)
+    if method == "GET" and not matched:
+        return None
+    _count_hit(app, entry)
+    status, header_lines = _encoded_bodiless_hit(entry.sha256, entry.size, entry.content_type, matched)
+    return status, header_lines, key
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of_target(target: str) -> str | None:
+    """The cache key a hub request target names (None for anything else, /admin/ included)."""
+    if target.startswith("/admin/"):
+        return None
+    try:
+        return parse_request_target(target).key
+    except BadHandle:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_bodiless_hit(sha256: str, size: int, content_type: str, matched: bool) -> tuple[int, bytes]:
+    status, headers = _bodiless_hit(sha256, size, content_type, HIT, matched)
+    return status, encode_header_lines(headers)
+
+
+def _count_hit(app: web.Application, entry: Entry) -> None:
+    app[METRICS].hits.inc()
+    app[STORE].record_hit(entry.key)
+
+
+def _hit_headers(sha256: str, outcome: str) -> dict[str, str]:
+    return {X_CACHE: outcome, "ETag": f'"{sha256}"', "Repr-Digest": _repr_digest(sha256),
+            "Cache-Control": "public, max-age=31536000, immutable"}
+
+
+def _bodiless_hit(sha256: str, size: int, content_type: str, outcome: str, matched: bool
+                  ) -> tuple[int, dict[str, str]]:
+    """A 304 when If-None-Match matched, else the headers a HEAD gets."""
+    headers = _hit_headers(sha256, outcome)
+    if matched:
+        return 304, headers
+    return 200, {**headers, "Content-Type": content_type, "Accept-Ranges": "bytes", "Content-Length": str(size)}
+
+
 async def _serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse:
     original = request  # the one the access log sees; clones below carry only adjusted headers
     store = request.app[STORE]
     if outcome == HIT:
-        request.app[METRICS].requests.labels(HIT).inc()
-        store.record_hit(entry.key)
-    headers = {X_CACHE: outcome, "ETag": f'"{entry.sha256}"', "Repr-Digest": _repr_digest(entry.sha256),
-               "Cache-Control": "public, max-age=31536000, immutable"}
-    if _matches(request.headers.get("If-None-Match"), entry.sha256):
-        return web.Response(status=304, headers=headers)
-    if request.method == "HEAD" and "Range" not in request.headers:
-        return web.Response(headers={**headers, "Content-Type": entry.content_type, "Accept-Ranges": "bytes",
-                                     "Content-Length": str(entry.size)})
+        _count_hit(request.app, entry)
+    matched = _matches(request.headers.get("If-None-Match"), entry.sha256)
+    if matched or (request.method == "HEAD" and "Range" not in request.headers):
+        status, headers = _bodiless_hit(entry.sha256, entry.size, entry.content_type, outcome, matched)
+        return web.Response(status=status, headers=headers)
+    headers = _hit_headers(entry.sha256, outcome)
     del headers["ETag"]  # FileResponse sets it, through _BlobResponse
     # Our own ETag rules above replace FileResponse's mtime-based conditionals; a stale If-Range
     # means the whole archive.

@@ -49,7 +49,8 @@ class SmallDisk:
         subprocess.run(["umount", str(self.cache_dir)], check=True)
 
     def stored_files(self) -> list[Path]:
-        return [p for p in (self.cache_dir / "blobs").rglob("*") if p.is_file()] + list((self.cache_dir / "tmp").iterdir())
+        blobs = [p for p in (self.cache_dir / "blobs").rglob("*") if p.is_file()]
+        return blobs + list((self.cache_dir / "tmp").iterdir())
 
 
 @pytest.fixture
