@@ -270,6 +270,10 @@ async def stream_body(request, resp, state: State, model: Model, start: int, sto
     chunk_size = chunk_size_for(switches)
     bps = switches.get("throttle_bps")
     corrupt_at, held = switches.get("corrupt_at"), False
+    # Paced against the clock, as a link of that speed would be: time spent reading and writing
+    # counts toward each chunk's share, rather than being added to a fixed sleep.
+    loop = asyncio.get_running_loop()
+    paced_from, paced_bytes = loop.time(), 0
     with open(model.file, "rb") as fh:
         fh.seek(start)
         pos = start
@@ -278,6 +282,7 @@ async def stream_body(request, resp, state: State, model: Model, start: int, sto
                 await resp.write(b"")  # flush headers (aiohttp buffers them) before blocking
                 await hold(state)
                 held = True
+                paced_from, paced_bytes = loop.time(), 0
             if switches.get("truncate_at") == pos:
                 await resp.write(b"")
                 request.transport.close()  # close() flushes what was written, then drops
@@ -291,8 +296,9 @@ async def stream_body(request, resp, state: State, model: Model, start: int, sto
                 data[corrupt_at - pos] ^= 0xFF
             await resp.write(bytes(data))
             pos += len(data)
+            paced_bytes += len(data)
             if bps:
-                await asyncio.sleep(len(data) / bps)
+                await asyncio.sleep(max(0.0, paced_from + paced_bytes / bps - loop.time()))
     return True
 
 
