@@ -1,8 +1,8 @@
 """The HTTP face: hub routes answer from the store (HIT), a running fetch (JOIN) or a new one (MISS).
 
 Invariants: a streamed (MISS/JOIN) response ends with its terminating chunk only after the
-archive is verified and committed, otherwise the connection is cut; a HIT never contacts
-upstream; this module asks handles/store/flights and never builds a file path itself.
+archive is verified (and committed, unless the disk refuses it), otherwise the connection is cut;
+a HIT never contacts upstream; this module asks handles/store/flights and never builds a file path.
 """
 
 from __future__ import annotations
