@@ -172,9 +172,10 @@ class Flight:
         """(start, length, data) of archive bytes as they become safe to send; raises FlightFailed.
         `data` is None for bytes in the file (send them from open_file()), else the bytes themselves.
 
-        Spans are coalesced: one sendfile per MiB per reader would spend the event loop on
-        wake-ups when many clients follow a fetch, so a reader sends when MIN_SPAN bytes are
-        ready or MAX_SPAN_DELAY has passed since its last send, whichever comes first."""
+        Spans are coalesced: one sendfile (and one wake-up) per MiB per reader would spend the
+        event loop when many clients follow a fetch, so a reader woken by new bytes sends at once
+        only when MIN_SPAN are ready, and otherwise sleeps until MAX_SPAN_DELAY has passed since
+        its last send, then sends what is ready."""
         me = object()
         self._positions[me] = offset
         try:
@@ -195,8 +196,8 @@ class Flight:
                     return
                 elif self.state is State.FAILED:
                     raise self.error
-                elif ready > 0:
-                    await _wait(self._wave, last_send + MAX_SPAN_DELAY - loop.time())
+                elif ready > 0:  # sleep out the delay: waking for every MiB that lands costs more
+                    await asyncio.sleep(last_send + MAX_SPAN_DELAY - loop.time())
                 else:
                     await asyncio.shield(self._wave)
         finally:
@@ -438,12 +439,6 @@ async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[li
             batch, filled = [], 0
     if batch:
         yield batch
-
-
-async def _wait(wave: asyncio.Future, timeout: float) -> None:
-    """Wait for the next progress notice, or the timeout, whichever is first."""
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(wave), max(timeout, 0))
 
 
 def _single_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
