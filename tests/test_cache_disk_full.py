@@ -39,6 +39,12 @@ class SmallDisk:
     def make_room(self) -> None:
         self._filler.unlink()
 
+    def limit_new_files(self, allowed: int) -> None:
+        """Let only `allowed` more files or directories be created (tmpfs counts inodes apart from bytes)."""
+        stats = os.statvfs(self.mount_point)
+        in_use = stats.f_files - stats.f_ffree
+        subprocess.run(["mount", "-o", f"remount,nr_inodes={in_use + allowed}", str(self.mount_point)], check=True)
+
     def make_cache_read_only(self) -> None:
         """What a kernel does to a file system after I/O errors: new writes fail with EROFS (a read-only
         bind mount over the cache, since a running proxy's open index keeps a remount busy)."""
@@ -110,6 +116,26 @@ def test_read_only_cache_serves_clients_and_recovers(proxy_factory, clean_origin
     assert len(small_disk.stored_files()) == 1, "only the archive cached before"
     assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "MISS"
     assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "HIT"
+
+
+def test_commit_refused_by_the_disk_still_delivers_the_verified_archive(proxy_factory, clean_origin, small_disk,
+                                                                       archives):
+    """The archive reaches the temp file whole, but the disk refuses the commit (room for the temp
+    file, none for the blob's directory): the client still gets it, and nothing is indexed."""
+    proxy = proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    path = f"/{model.handle}?tf-hub-format=compressed"
+    small_disk.limit_new_files(1)
+
+    status, headers, body = proxy.get(path)
+
+    assert (status, headers["X-Cache"], body) == (200, "MISS", archives.padded.read_bytes())
+    assert proxy.metric("hubproxy_cache_write_errors_total", reason="no_space") == 1
+    assert proxy.metric("hubproxy_passthrough_fetches_total") == 1
+    assert small_disk.stored_files() == []
+    small_disk.limit_new_files(100)
+    assert proxy.get(path)[1]["X-Cache"] == "MISS"
+    assert proxy.get(path)[1]["X-Cache"] == "HIT"
 
 
 def test_cut_upstream_on_a_full_disk_still_makes_the_client_fail(proxy_factory, clean_origin, small_disk, archives,
