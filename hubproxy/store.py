@@ -25,7 +25,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DISK_ERRNOS = {errno.ENOSPC: "no_space", errno.EDQUOT: "quota", errno.EROFS: "read_only",
                 errno.EFBIG: "too_big", errno.EIO: "io_error"}
 _SQLITE_DISK_ERRORS = {"database or disk is full": "no_space", "readonly database": "read_only",
-                       "disk i/o error": "io_error"}
+                       "disk i/o error": "io_error", "unable to open database file": "cannot_open"}
 MEMO_SECONDS = 2.0
 MEMO_ENTRIES = 65536
 
@@ -180,9 +180,10 @@ class Store:
         return True
 
     def remove_keys(self, keys: list[str]) -> None:
-        for key in keys:
-            self._index.delete(key)
-            self._memo.pop(key, None)
+        with self._index_write():
+            for key in keys:
+                self._index.delete(key)
+                self._memo.pop(key, None)
 
     def delete_unused_blobs(self, sha256s: list[str]) -> list[str]:
         """Delete those blobs no index entry names any more; returns the ones deleted. A client
@@ -211,7 +212,7 @@ class Store:
         """Add counted hits to the index in one transaction; blocking, run it in a thread."""
         if not pending:
             return
-        with self._index.transact():
+        with self._index_write(), self._index.transact():
             for key, (hits, last_access) in pending.items():
                 raw = self._index.get(key)
                 if raw is not None:
@@ -256,9 +257,21 @@ class Store:
         now = time.time()
         entry = Entry(key=key, sha256=sha256, size=size, etag=etag, content_type=content_type,
                       source=source, fetched=now, last_access=now)
-        self._index.set(key, dataclasses.asdict(entry))
+        with self._index_write():
+            self._index.set(key, dataclasses.asdict(entry))
         self._remember(entry, time.monotonic())
         return entry
+
+    @contextlib.contextmanager
+    def _index_write(self):
+        """On a write the disk refused, drop this thread's index connection: one opened while the
+        disk was read-only stays read-only, so the next write must open afresh to see recovery."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if disk_trouble(e) is not None:
+                self._index.close()
+            raise
 
     def discard(self, temp_path: Path) -> None:
         temp_path.unlink(missing_ok=True)
