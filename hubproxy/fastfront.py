@@ -115,10 +115,10 @@ class FastFront(asyncio.Protocol):
         fields = b"" if line_end < 0 else head[line_end:]
         if request is None or not _HEADER_LINES.fullmatch(fields) or _NOT_OURS.search(fields):
             return None
-        if_none_match = _IF_NONE_MATCH.findall(fields)
-        if len(if_none_match) > 1:
+        tags = _IF_NONE_MATCH.findall(fields)
+        if len(tags) > 1:
             return None
-        if_none_match = if_none_match[0].decode("latin-1") if if_none_match else None
+        if_none_match = tags[0].decode("latin-1") if tags else None
         connection = b",".join(_CONNECTION.findall(fields)).lower()
         method, target, minor = request.group(1).decode(), request.group(2).decode(), request.group(3)
         answer = self._answer(method, target, if_none_match)
@@ -126,7 +126,8 @@ class FastFront(asyncio.Protocol):
             return None
         status, header_lines, key = answer
         if minor == b"1":
-            keep_alive, connection_line = b"close" not in connection, b"" if b"close" not in connection else _CLOSE
+            keep_alive = b"close" not in connection
+            connection_line = b"" if keep_alive else _CLOSE
         else:  # HTTP/1.0 keeps a connection only when asked to, and is told so
             keep_alive = b"keep-alive" in connection
             connection_line = _KEEP_ALIVE if keep_alive else b""

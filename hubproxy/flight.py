@@ -303,9 +303,9 @@ class Flight:
         try:
             write_fd, self._temp = self._store.new_temp_file()
         except OSError as e:
-            if disk_trouble(e) is None:
+            if (reason := disk_trouble(e)) is None:
                 raise
-            self._pass_through(disk_trouble(e), at=0, batches=())
+            self._pass_through(reason, at=0, batches=())
             return None
         self._read_fd = os.open(self._temp, os.O_RDONLY)
         return write_fd
@@ -316,9 +316,9 @@ class Flight:
                 self._store.commit, self.key, self._temp, sha256, self.written,
                 etag=self.evidence.etag, content_type=self.evidence.content_type, source=source)
         except Exception as e:
-            if disk_trouble(e) is None:
+            if (reason := disk_trouble(e)) is None:
                 raise
-            self._health.failed(disk_trouble(e), f"committing {self.key}")
+            self._health.failed(reason, f"committing {self.key}")
         else:
             self._health.succeeded()
 
@@ -365,9 +365,9 @@ class Flight:
             try:
                 await batch.write
             except OSError as e:
-                if disk_trouble(e) is None:
+                if (reason := disk_trouble(e)) is None:
                     raise
-                self._pass_through(disk_trouble(e), at=batch.start, batches=pending)
+                self._pass_through(reason, at=batch.start, batches=pending)
                 self._require_streamers()
         pending.popleft()
 

@@ -60,10 +60,10 @@ class Housekeeper:
             try:
                 await self._upkeep(measure=poked or period % MEASURE_EVERY == 0)
             except Exception as e:
-                if disk_trouble(e) is None:
+                if (reason := disk_trouble(e)) is None:
                     log.exception("housekeeping pass failed; trying again next period")
                 else:
-                    self._health.failed(disk_trouble(e), "keeping the index")
+                    self._health.failed(reason, "keeping the index")
                 self._wake.clear()  # that failure asked for a pass: the next period is soon enough
 
     async def _upkeep(self, measure: bool) -> None:

@@ -99,7 +99,7 @@ class Store:
             return memo[0]
         raw = self._index.get(key)
         entry = Entry(**raw) if raw is not None else None
-        if entry is None or not os.path.isfile(self._blob_file(entry.sha256)):
+        if entry is None or not self.has_blob(entry):
             self._memo.pop(key, None)
             return None
         self._remember(entry, now)

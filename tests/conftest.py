@@ -203,6 +203,15 @@ def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
 def compressed_offset_of_member(archive: Path, member: str) -> int:
     """The shortest prefix of a .tar.gz whose decompressed bytes reach `member`'s header: a
     download cut there ends exactly at a tar member boundary."""

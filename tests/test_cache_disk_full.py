@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, raw_request
-from tests.test_large_archive_memory import _peak_rss
+from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, peak_rss, raw_request
 
 DISK_SIZE = 16 << 20
 FREE_WHEN_FULL = 1536 << 10  # room for the first MiB of a fetch, not for a whole 4 MiB archive
@@ -202,12 +201,12 @@ def test_pass_through_memory_is_paced_by_a_slow_client(proxy_factory, clean_orig
     proxy = proxy_factory(small_disk.cache_dir)
     model = clean_origin.register(archive)
     small_disk.fill()
-    baseline = _peak_rss(proxy.process.pid)
+    baseline = peak_rss(proxy.process.pid)
 
     received = _read_slowly(proxy.url, f"/{model.handle}?tf-hub-format=compressed")
 
     assert received == size
-    assert _peak_rss(proxy.process.pid) - baseline < size // 2
+    assert peak_rss(proxy.process.pid) - baseline < size // 2
     assert small_disk.stored_files() == []
 
 

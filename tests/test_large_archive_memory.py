@@ -5,15 +5,9 @@ from __future__ import annotations
 import os
 import threading
 
+from tests.conftest import peak_rss
+
 ARCHIVE_SIZE = 160 * 1024 * 1024
-
-
-def _peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc")
 
 
 def _drain(proxy, path: str, results: list) -> None:
@@ -29,7 +23,7 @@ def test_peak_memory_stays_far_below_the_archive_size(proxy, origin, tmp_path):
             f.write(os.urandom(8 << 20))
     model = origin.register(archive)
     path = f"/{model.handle}?tf-hub-format=compressed"
-    baseline = _peak_rss(proxy.process.pid)
+    baseline = peak_rss(proxy.process.pid)
 
     results: list = []
     clients = [threading.Thread(target=_drain, args=(proxy, path, results)) for _ in range(3)]
@@ -42,4 +36,4 @@ def test_peak_memory_stays_far_below_the_archive_size(proxy, origin, tmp_path):
     size = archive.stat().st_size
     assert [r[2] for r in results] == [size] * 4
     assert results[-1][1] == "HIT"
-    assert _peak_rss(proxy.process.pid) - baseline < size // 4
+    assert peak_rss(proxy.process.pid) - baseline < size // 4
