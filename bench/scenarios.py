@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubproxy import evict
-from hubproxy.store import Store
+from hubproxy.cache import plans
+from hubproxy.cache.store import Store
 
 from . import clients, harness
 from .clients import Fleet
@@ -240,8 +240,9 @@ def small(ctx: Context) -> list[Metric]:
     plan = ctx.plan
     archive = harness.make_archive(ctx.workdir / "small.bin", 1 << 20)
     path = ctx.cold_object(archive)
-    heads = Metric("small requests", "HEAD on a cached archive", "req/s", target=Target(">=", 1.0, NGINX))
-    revalidations = Metric("small requests", "GET If-None-Match → 304", "req/s", target=Target(">=", 1.0, NGINX))
+    # Information only: neither tensorflow_hub nor kagglehub sends HEAD or If-None-Match.
+    heads = Metric("small requests", "HEAD on a cached archive", "req/s")
+    revalidations = Metric("small requests", "GET If-None-Match → 304", "req/s")
     etags = {}
     for server in ctx.proxies():
         _fetch(ctx, server, path, archive, 1)
@@ -288,7 +289,7 @@ def _eviction_pass_seconds(cache_dir: Path) -> float:
     try:
         started = time.monotonic()
         entries = store.entries()
-        plan = evict.to_fit(entries, int(evict.usage(entries) * 0.99))
+        plan = plans.to_fit(entries, int(plans.usage(entries) * 0.99))
         store.remove_keys(plan.keys)
         store.delete_unused_blobs(plan.blobs)
         return time.monotonic() - started
@@ -325,7 +326,7 @@ def _start_up_seconds(ctx: Context, cache_dir: Path) -> float:
 def _lookup_percentiles(cache_dir: Path, keys: list[str], samples: int = 10_000) -> tuple[float, float]:
     """Runs in a fresh process so the index is read cold, as after a restart."""
     script = (
-        "import random,sys,time,json\nfrom hubproxy.store import Store\n"
+        "import random,sys,time,json\nfrom hubproxy.cache.store import Store\n"
         "store=Store(sys.argv[1]); keys=json.load(sys.stdin); out=[]\n"
         "for key in keys:\n    t=time.perf_counter(); assert store.lookup(key) is not None; "
         "out.append(time.perf_counter()-t)\nprint(json.dumps(out))\n"

@@ -1,5 +1,5 @@
 """Human-friendly sizes ("200G", "512M", "1.5GiB", "4096"; binary multiples) and durations
-("30d", "12h", "90m", "45s").
+("30d", "12h", "90m", "45s"), and sizes formatted for people.
 
 Invariants: pure functions; a malformed value raises ValueError with a one-line reason.
 """
@@ -30,3 +30,11 @@ def _parse(text: str, pattern: re.Pattern, units: dict[str, int], kind: str, exa
         raise ValueError(f"not a {kind}: {text!r} (try {examples})")
     number, unit = match.groups()
     return float(number) * units[unit.upper()]
+
+
+def format_size(n: int) -> str:
+    """A size for people: 1.5 GiB, 312.0 KiB, 12 B."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

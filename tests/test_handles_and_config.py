@@ -11,7 +11,8 @@ import pytest
 from hubproxy.config import ConfigError, Settings, load_settings
 from hubproxy.handles import BadHandle, parse_request_target, tfhub_cache_name
 from hubproxy.units import parse_duration, parse_size
-from hubproxy.upstream import HostPolicy, UpstreamError
+from hubproxy.fetch.errors import FetchFailed
+from hubproxy.fetch.upstream import HostPolicy
 
 
 @pytest.mark.parametrize("target, upstream, url", [
@@ -55,13 +56,13 @@ def test_host_policy_allows_upstreams_and_allowlist_only():
     policy.check("https://www.kaggle.com/api/v1/models/a/b/c/d/1/download")
     for url in ("https://169.254.169.254/latest/meta-data", "https://storage.googleapis.com:8443/x",
                 "https://evil.example/x", "file:///etc/passwd"):
-        with pytest.raises(UpstreamError):
+        with pytest.raises(FetchFailed):
             policy.check(url)
 
 
 def test_host_policy_refuses_https_downgrade():
     policy = HostPolicy(Settings())
-    with pytest.raises(UpstreamError, match="https to plain http"):
+    with pytest.raises(FetchFailed, match="https to plain http"):
         policy.check("http://storage.googleapis.com/x", previous="https://www.kaggle.com/y")
 
 

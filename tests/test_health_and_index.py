@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hubproxy.store import Store
+from hubproxy.cache.store import Store
 
 
 def test_healthz_answers_while_serving(proxy):

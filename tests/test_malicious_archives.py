@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hubproxy.tfcache import UnsafeArchive, install
+from hubproxy.airgap.tfcache import UnsafeArchive, install
 
 HANDLE = "https://tfhub.dev/evil/model/1"
 

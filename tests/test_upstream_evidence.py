@@ -8,8 +8,7 @@ import hashlib
 import google_crc32c
 from multidict import CIMultiDict
 
-from hubproxy.flight import Digests
-from hubproxy.upstream import Evidence
+from hubproxy.fetch.evidence import Digests, Evidence
 
 DATA = b"\x1f\x8b" + bytes(range(256)) * 100
 

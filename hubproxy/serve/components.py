@@ -1,4 +1,4 @@
-"""The typed keys under which the aiohttp app keeps its components (shared by server and admin)."""
+"""The typed keys under which the aiohttp app keeps its components (shared by every face)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import collections
 
 from aiohttp import web
 
-from .config import Settings
-from .flight import Flights
-from .metrics import Metrics
-from .store import Store
-from .upstream import Upstream
+from ..cache.store import Store
+from ..config import Settings
+from ..fetch.flights import Flights
+from ..fetch.upstream import Upstream
+from ..metrics import Metrics
 
 STORE = web.AppKey("store", Store)
 FLIGHTS = web.AppKey("flights", Flights)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .handles import tfhub_cache_name
+from ..handles import tfhub_cache_name
 
 DESCRIPTOR_SUFFIX = ".descriptor.txt"
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")

@@ -15,10 +15,11 @@ import shutil
 import time
 from typing import Callable
 
-from . import evict
-from .metrics import Metrics
-from .store import Store, disk_trouble
-from .writehealth import WriteHealth
+from ..metrics import Metrics
+from . import plans
+from .diskhealth import WriteHealth, disk_trouble
+from .operations import carry_out
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +78,21 @@ class Housekeeper:
     async def _measure(self) -> list:
         entries = await asyncio.to_thread(self._store.entries)
         self._metrics.cache_entries.set(len(entries))
-        self._metrics.cache_bytes.set(evict.usage(entries))
+        self._metrics.cache_bytes.set(plans.usage(entries))
         return entries
 
     async def _evict_if_needed(self, entries: list) -> None:
-        target = self._target(evict.usage(entries))
+        target = self._target(plans.usage(entries))
         if target is None:
             return
         busy_keys, busy_blobs = self._busy_keys(), self._busy_blobs()
         candidates = [e for e in entries if e.key not in busy_keys and e.sha256 not in busy_blobs]
-        protected = evict.usage(entries) - evict.usage(candidates)
-        plan = evict.to_fit(candidates, max(0, target - protected))
+        protected = plans.usage(entries) - plans.usage(candidates)
+        plan = plans.to_fit(candidates, max(0, target - protected))
         if not plan.keys:
             log.warning("cache over its cap but nothing can be evicted (pinned, in flight or being served)")
             return
-        await asyncio.to_thread(self._store.remove_keys, plan.keys)
-        await asyncio.to_thread(self._store.delete_unused_blobs, plan.blobs)
+        await asyncio.to_thread(carry_out, self._store, plan)
         self._metrics.evictions.inc(len(plan.keys))
         log.info("evicted %d entries, %d bytes", len(plan.keys), plan.freed)
 

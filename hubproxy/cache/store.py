@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import re
 import shutil
@@ -21,11 +20,9 @@ from pathlib import Path
 
 import diskcache
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_DISK_ERRNOS = {errno.ENOSPC: "no_space", errno.EDQUOT: "quota", errno.EROFS: "read_only",
-                errno.EFBIG: "too_big", errno.EIO: "io_error"}
-_SQLITE_DISK_ERRORS = {"database or disk is full": "no_space", "readonly database": "read_only",
-                       "disk i/o error": "io_error", "unable to open database file": "cannot_open"}
+from .diskhealth import disk_trouble
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MEMO_SECONDS = 2.0
 MEMO_ENTRIES = 65536
 
@@ -42,17 +39,6 @@ class Entry:
     last_access: float
     hits: int = 0
     pinned: bool = False
-
-
-def disk_trouble(error: BaseException) -> str | None:
-    """Why a write to the cache failed when the disk is to blame (full, quota, read-only, I/O),
-    as a short label; None for any other failure."""
-    if isinstance(error, OSError):
-        return _DISK_ERRNOS.get(error.errno)
-    if isinstance(error, sqlite3.OperationalError):
-        text = str(error).lower()
-        return next((label for words, label in _SQLITE_DISK_ERRORS.items() if words in text), None)
-    return None
 
 
 class Store:
@@ -86,7 +72,7 @@ class Store:
         return Path(self._blob_file(sha256))
 
     def _blob_file(self, sha256: str) -> str:
-        if not _SHA256_HEX.fullmatch(sha256):
+        if not SHA256_HEX.fullmatch(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
         return f"{self._blobs_prefix}{sha256[:2]}/{sha256}"
 
@@ -142,7 +128,7 @@ class Store:
         found = set()
         for shard in os.scandir(self.blobs):
             if shard.is_dir():
-                found.update(name for name in os.listdir(shard.path) if _SHA256_HEX.fullmatch(name))
+                found.update(name for name in os.listdir(shard.path) if SHA256_HEX.fullmatch(name))
         return found
 
     def reconcile(self, older_than: float) -> tuple[int, int]:

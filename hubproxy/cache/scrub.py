@@ -7,17 +7,10 @@ index entries that named it are dropped, so the next request fetches afresh.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import dataclass
 
-from .config import Settings
-from .flight import FlightFailed
-from .handles import BadHandle, handle_from_key
-from .sources import fetch_verified
 from .store import Store
-
-_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -38,15 +31,13 @@ def scrub(store: Store) -> list[Finding]:
 
 
 def _check(store: Store, sha256: str) -> str | None:
-    digest = hashlib.sha256()
     try:
         with store.blob_path(sha256).open("rb") as blob:
-            while block := blob.read(_BLOCK):
-                digest.update(block)
+            actual = hashlib.file_digest(blob, "sha256").hexdigest()
     except FileNotFoundError:
         return "blob missing"
-    if digest.hexdigest() != sha256:
-        return f"content hashes to {digest.hexdigest()[:16]}…, not its name"
+    if actual != sha256:
+        return f"content hashes to {actual[:16]}…, not its name"
     return None
 
 
@@ -54,17 +45,3 @@ def quarantine_all(store: Store, findings: list[Finding]) -> None:
     for finding in findings:
         store.quarantine(finding.sha256)
         store.remove_keys(finding.keys)
-
-
-def refetch(store: Store, settings: Settings, keys: list[str]) -> list[tuple[str, str | None]]:
-    """Fetch keys afresh from upstream with the proxy's verified fetch: (key, problem or None)."""
-    results: list[tuple[str, str | None]] = []
-    for key in keys:
-        try:
-            asyncio.run(fetch_verified(store, settings, handle_from_key(key)))
-            results.append((key, None))
-        except FlightFailed as e:
-            results.append((key, e.message))
-        except BadHandle as e:
-            results.append((key, str(e)))
-    return results

@@ -13,10 +13,11 @@ import hmac
 
 from aiohttp import web
 
-from . import evict, verify
-from .appkeys import FLIGHTS, METRICS, SETTINGS, STORE
-from .handles import BadHandle
-from .units import parse_duration, parse_size
+from ..cache import plans, scrub
+from ..cache.operations import carry_out, set_pinned
+from ..handles import BadHandle
+from ..units import parse_duration, parse_size
+from .components import FLIGHTS, METRICS, SETTINGS, STORE
 
 
 def add_routes(app: web.Application) -> None:
@@ -59,7 +60,7 @@ async def ls(request: web.Request) -> web.Response:
 
 async def purge(request: web.Request) -> web.Response:
     body = await _body(request)
-    plan = await _plan(request, lambda entries: evict.matching(entries, evict.patterns(body.get("handles", [])),
+    plan = await _plan(request, lambda entries: plans.matching(entries, plans.patterns(body.get("handles", [])),
                                                                 include_pinned=True))
     return await _apply(request, plan, bool(body.get("dry_run")))
 
@@ -68,30 +69,28 @@ async def evict_(request: web.Request) -> web.Response:
     body = await _body(request)
     if body.get("max_size") is not None:
         limit = parse_size(str(body["max_size"]))
-        choose = lambda entries: evict.to_fit(entries, limit)  # noqa: E731
+        choose = lambda entries: plans.to_fit(entries, limit)  # noqa: E731
     elif body.get("older_than") is not None:
         age = parse_duration(str(body["older_than"]))
-        choose = lambda entries: evict.older_than(entries, age)  # noqa: E731
+        choose = lambda entries: plans.older_than(entries, age)  # noqa: E731
     elif body.get("handles"):
-        choose = lambda entries: evict.matching(entries, evict.patterns(body["handles"]),  # noqa: E731
+        choose = lambda entries: plans.matching(entries, plans.patterns(body["handles"]),  # noqa: E731
                                                 include_pinned=False)
     else:
         raise web.HTTPBadRequest(text="give max_size, older_than or handles\n")
     return await _apply(request, await _plan(request, choose), bool(body.get("dry_run")))
 
 
-async def _plan(request: web.Request, choose) -> evict.Plan:
+async def _plan(request: web.Request, choose) -> plans.Plan:
     """A plan over the entries that are not being fetched right now."""
     busy = request.app[FLIGHTS].keys()
     entries = [e for e in await asyncio.to_thread(request.app[STORE].entries) if e.key not in busy]
     return choose(entries)
 
 
-async def _apply(request: web.Request, plan: evict.Plan, dry_run: bool) -> web.Response:
+async def _apply(request: web.Request, plan: plans.Plan, dry_run: bool) -> web.Response:
     if not dry_run:
-        store = request.app[STORE]
-        await asyncio.to_thread(store.remove_keys, plan.keys)
-        await asyncio.to_thread(store.delete_unused_blobs, plan.blobs)
+        await asyncio.to_thread(carry_out, request.app[STORE], plan)
         request.app[METRICS].evictions.inc(len(plan.keys))
     return web.json_response({"removed": plan.keys, "freed_bytes": plan.freed, "dry_run": dry_run})
 
@@ -106,17 +105,13 @@ async def unpin(request: web.Request) -> web.Response:
 
 async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
     body = await _body(request)
-    store = request.app[STORE]
-    entries = await asyncio.to_thread(store.entries)
-    keys = evict.matching(entries, evict.patterns(body.get("handles", [])), include_pinned=True).keys
-    for key in keys:
-        await asyncio.to_thread(store.set_pinned, key, pinned)
+    keys = await asyncio.to_thread(set_pinned, request.app[STORE], plans.patterns(body.get("handles", [])), pinned)
     return web.json_response({"pinned" if pinned else "unpinned": keys})
 
 
 async def verify_(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    findings = await asyncio.to_thread(verify.scrub, store)
-    await asyncio.to_thread(verify.quarantine_all, store, findings)
+    findings = await asyncio.to_thread(scrub.scrub, store)
+    await asyncio.to_thread(scrub.quarantine_all, store, findings)
     request.app[METRICS].verify_failures.inc(len(findings))
     return web.json_response({"bad": [dataclasses.asdict(f) for f in findings]})

@@ -10,26 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import http.client
 import shutil
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .config import Settings
-from .flight import FlightFailed, Flights
-from .handles import BadHandle, Handle, parse_handle_url
-from .metrics import Metrics
-from .store import Store
-from .upstream import Upstream
-
-Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
-_BLOCK = 1 << 20
+from ..cache.store import Store
+from ..config import Settings
+from ..fetch.errors import FetchFailed
+from ..fetch.oneshot import Progress, fetch_verified
+from ..handles import BadHandle, Handle, parse_handle_url
+from .copying import copy_hashing
 
 
 class SourceError(RuntimeError):
@@ -99,20 +93,13 @@ class MirrorSource:
 
 def _download(url: str, target: Path, progress: Progress | None) -> tuple[str, int, str | None]:
     """Stream url into target hashing it; a short or broken body raises. (sha256, size, Repr-Digest)."""
-    digest = hashlib.sha256()
-    size = 0
     with urllib.request.urlopen(url, timeout=300) as response, target.open("wb") as out:
         total = response.length
-        while block := response.read(_BLOCK):
-            digest.update(block)
-            out.write(block)
-            size += len(block)
-            if progress:
-                progress(size, total)
+        digest, size = copy_hashing(response, out, progress and (lambda done: progress(done, total)))
         if total is not None and response.length:
             raise SourceError(f"{url}: body ended {response.length} bytes short")
         announced = _repr_digest_sha256(response.headers.get("Repr-Digest"))
-    return digest.hexdigest(), size, announced
+    return digest, size, announced
 
 
 def _repr_digest_sha256(header: str | None) -> str | None:
@@ -146,7 +133,7 @@ class UpstreamSource:
             self._store = Store(self._scratch)
         try:
             entry = asyncio.run(fetch_verified(self._store, self._settings, handle, progress))
-        except FlightFailed as e:
+        except FetchFailed as e:
             raise SourceError(f"{handle_url}: {e.message}") from None
         return Archive(self._store.blob_path(entry.sha256), entry.sha256, entry.size, entry.source, disposable=True)
 
@@ -154,22 +141,3 @@ class UpstreamSource:
         if self._store is not None:
             self._store.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
-
-
-async def fetch_verified(store: Store, settings: Settings, handle: Handle, progress: Progress | None = None):
-    """Fetch one handle into store with the proxy's own verified fetch (flight + store), outside
-    any server; returns the committed Entry or raises FlightFailed."""
-    upstream = Upstream(settings)
-    await upstream.start()
-    try:
-        flights = Flights(store, upstream, Metrics())
-        url = handle.upstream_url(settings.upstreams[handle.upstream])
-        async with flights.join(handle.key, url, streaming=False) as (flight, _):
-            finished = asyncio.ensure_future(flight.finished())
-            while not finished.done():
-                await asyncio.wait([finished], timeout=0.2)
-                if progress and flight.evidence is not None:
-                    progress(flight.received, flight.evidence.content_length)
-            return finished.result()
-    finally:
-        await upstream.close()

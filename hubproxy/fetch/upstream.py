@@ -8,15 +8,14 @@ decompressed; signed URLs (their query strings) never appear in errors or logs.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import urllib.parse
-from dataclasses import dataclass
 
 import aiohttp
 
-from .config import Settings
-from .handles import strip_query
+from ..config import Settings
+from ..handles import strip_query
+from .errors import FetchFailed
 
 log = logging.getLogger(__name__)
 
@@ -25,53 +24,6 @@ MAX_RETRY_AFTER_SECONDS = 30.0
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRYABLE = {429, 500, 502, 503, 504}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class UpstreamError(Exception):
-    """The upstream could not give us the archive; `status` is what our client should see."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What the origin tells us about the bytes it is about to send, to check them against."""
-
-    content_length: int | None
-    md5: bytes | None
-    crc32c: int | None
-    etag: str | None
-    content_type: str
-
-    @classmethod
-    def from_headers(cls, headers) -> "Evidence":
-        md5 = crc32c = None
-        for value in headers.getall("x-goog-hash", []):
-            for part in value.split(","):
-                name, _, encoded = part.strip().partition("=")
-                digest = _b64(encoded)
-                if name == "md5" and digest is not None and len(digest) == 16:
-                    md5 = digest
-                elif name == "crc32c" and digest is not None and len(digest) == 4:
-                    crc32c = int.from_bytes(digest, "big")
-        length = headers.get("Content-Length")
-        return cls(
-            content_length=int(length) if length and length.isdigit() else None,
-            md5=md5,
-            crc32c=crc32c,
-            etag=headers.get("ETag"),
-            content_type=headers.get("Content-Type", "application/octet-stream"),
-        )
-
-
-def _b64(text: str) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        return None
 
 
 class HostPolicy:
@@ -89,26 +41,27 @@ class HostPolicy:
     def check(self, url: str, previous: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in _DEFAULT_PORTS:
-            raise UpstreamError(502, f"upstream redirected to a non-http URL scheme {parts.scheme!r}")
+            raise FetchFailed(502, f"upstream redirected to a non-http URL scheme {parts.scheme!r}")
         if previous is not None and previous.startswith("https:") and parts.scheme != "https":
-            raise UpstreamError(502, f"upstream redirected from https to plain http ({strip_query(url)})")
+            raise FetchFailed(502, f"upstream redirected from https to plain http ({strip_query(url)})")
         host = (parts.hostname or "").lower()
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
         default_port = port == _DEFAULT_PORTS[parts.scheme]
         if (host, port) in self._allowed or (default_port and (host, None) in self._allowed):
             return
-        raise UpstreamError(502, f"upstream redirected to {parts.netloc!r}, which is not an allowed host")
+        raise FetchFailed(502, f"upstream redirected to {parts.netloc!r}, which is not an allowed host")
 
 
 class Upstream:
-    """An aiohttp client that yields a 200 response for a handle's URL, or raises UpstreamError."""
+    """An aiohttp client that yields a 200 response for a handle's URL, or raises FetchFailed.
+    Use it as `async with Upstream(settings) as upstream:`."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
         self._policy = HostPolicy(settings)
         self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> "Upstream":
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self._settings.connect_timeout_seconds,
@@ -118,10 +71,10 @@ class Upstream:
             timeout=timeout, auto_decompress=False, trust_env=False,
             headers={"User-Agent": "hubproxy", "Accept-Encoding": "identity"},
         )
+        return self
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    async def __aexit__(self, *exc_info) -> None:
+        await self._session.close()
 
     async def open(self, url: str, method: str = "GET") -> aiohttp.ClientResponse:
         """Follow the redirect chain to a 200, retrying transient trouble; caller closes it."""
@@ -132,7 +85,7 @@ class Upstream:
                 return await self._follow(url, method)
             except _Transient as trouble:
                 if attempt == attempts:
-                    raise UpstreamError(trouble.status, f"{trouble.message} (after {attempts} attempts)") from None
+                    raise FetchFailed(trouble.status, f"{trouble.message} (after {attempts} attempts)") from None
                 wait = min(trouble.retry_after or delay, MAX_RETRY_AFTER_SECONDS)
                 log.warning("upstream trouble, retrying in %.2fs: %s", wait, trouble.message)
                 await asyncio.sleep(wait)
@@ -140,7 +93,7 @@ class Upstream:
         raise AssertionError("unreachable")
 
     async def _follow(self, url: str, method: str) -> aiohttp.ClientResponse:
-        assert self._session is not None, "Upstream.start() was not awaited"
+        assert self._session is not None, "use Upstream as an async context manager"
         previous = None
         for _ in range(MAX_REDIRECTS + 1):
             self._policy.check(url, previous)
@@ -152,7 +105,7 @@ class Upstream:
             if response.status == 200:
                 return response
             raise _status_error(response, url)
-        raise UpstreamError(502, f"upstream redirected more than {MAX_REDIRECTS} times")
+        raise FetchFailed(502, f"upstream redirected more than {MAX_REDIRECTS} times")
 
     async def _request(self, method: str, url: str) -> aiohttp.ClientResponse:
         try:
@@ -177,5 +130,5 @@ def _status_error(response: aiohttp.ClientResponse, url: str) -> Exception:
         wait = float(retry_after) if retry_after.isdigit() else None
         return _Transient(502, f"upstream {where} answered {status} {reason}".strip(), wait)
     if status in (404, 410):
-        return UpstreamError(404, f"not found upstream: {where} answered {status} {reason}".strip())
-    return UpstreamError(502, f"upstream {where} refused: {status} {reason}".strip())
+        return FetchFailed(404, f"not found upstream: {where} answered {status} {reason}".strip())
+    return FetchFailed(502, f"upstream {where} refused: {status} {reason}".strip())

@@ -2,7 +2,7 @@
 
 Invariants: a private key file is created with mode 0600 from its first byte (never chmod-ed
 after the fact) and never overwritten; a key that cannot be read or is not Ed25519 is refused
-with a one-line KeyError_; signatures cover exact bytes.
+with a one-line SigningKeyError; signatures cover exact bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
-class KeyError_(ValueError):
+class SigningKeyError(ValueError):
     """A key could not be used; the message is one line."""
 
 
@@ -36,11 +36,11 @@ def generate(private_path: Path) -> Path:
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     pub = public_path(private_path)
     if pub.exists():
-        raise KeyError_(f"{pub} already exists; not overwriting a key")
+        raise SigningKeyError(f"{pub} already exists; not overwriting a key")
     try:
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise KeyError_(f"{private_path} already exists; not overwriting a key") from None
+        raise SigningKeyError(f"{private_path} already exists; not overwriting a key") from None
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem)
     pub.write_bytes(public_pem)
@@ -50,14 +50,14 @@ def generate(private_path: Path) -> Path:
 def load_private(path: Path) -> Ed25519PrivateKey:
     key = _load(path, serialization.load_pem_private_key, password=None)
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyError_(f"{path} is not an Ed25519 private key")
+        raise SigningKeyError(f"{path} is not an Ed25519 private key")
     return key
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
     key = _load(path, serialization.load_pem_public_key)
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyError_(f"{path} is not an Ed25519 public key")
+        raise SigningKeyError(f"{path} is not an Ed25519 public key")
     return key
 
 
@@ -65,11 +65,11 @@ def _load(path: Path, loader, **kwargs):
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise KeyError_(f"cannot read key {path}: {e.strerror}") from None
+        raise SigningKeyError(f"cannot read key {path}: {e.strerror}") from None
     try:
         return loader(data, **kwargs)
     except (ValueError, TypeError):
-        raise KeyError_(f"{path} is not a PEM key") from None
+        raise SigningKeyError(f"{path} is not a PEM key") from None
 
 
 def key_id(public: Ed25519PublicKey) -> str:

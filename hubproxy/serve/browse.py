@@ -10,9 +10,9 @@ import time
 
 from aiohttp import web
 
-from . import evict
-from .ui import size
-from .store import Entry
+from ..cache.plans import usage
+from ..cache.store import Entry
+from ..units import format_size
 
 MAX_ROWS = 1000
 
@@ -39,11 +39,11 @@ code {{ background: #f4f4f4; padding: .1em .3em; }} .num {{ text-align: right; }
 
 def page(entries: list[Entry], base_url: str, max_size: int | None) -> str:
     shown = sorted(entries, key=lambda e: e.last_access, reverse=True)[:MAX_ROWS]
-    used = evict.usage(entries)
-    cap = f" of a {size(max_size)} cap ({100 * used / max_size:.0f}%)" if max_size else ""
+    used = usage(entries)
+    cap = f" of a {format_size(max_size)} cap ({100 * used / max_size:.0f}%)" if max_size else ""
     more = f'<p class="muted">showing the {MAX_ROWS} most recently used</p>' if len(entries) > MAX_ROWS else ""
     count = f"{len(entries)} model" + ("" if len(entries) == 1 else "s")
-    return _PAGE.format(count=count, used=size(used), cap=cap, rows="\n".join(_row(e, base_url) for e in shown),
+    return _PAGE.format(count=count, used=format_size(used), cap=cap, rows="\n".join(_row(e, base_url) for e in shown),
                         more=more)
 
 
@@ -51,7 +51,7 @@ def _row(entry: Entry, base_url: str) -> str:
     upstream, _, path = entry.key.partition(":")
     url = html.escape(base_url.rstrip("/") + path)
     return (f"<tr><td>{html.escape(path.strip('/'))} <span class=muted>({html.escape(upstream)})</span></td>"
-            f"<td><code>{url}</code></td><td class=num>{size(entry.size)}</td>"
+            f"<td><code>{url}</code></td><td class=num>{format_size(entry.size)}</td>"
             f"<td class=num>{_age(entry.fetched)}</td><td class=num>{entry.hits}</td>"
             f"<td>{'yes' if entry.pinned else ''}</td></tr>")
 

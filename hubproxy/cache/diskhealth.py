@@ -1,4 +1,5 @@
-"""Whether the cache takes writes right now, told to operators once per burst of failures.
+"""Disk trouble: which write failures the disk is to blame for, and whether the cache takes writes
+right now, told to operators once per burst of failures.
 
 Invariants: every failed write the disk is to blame for is counted (by reason); only the first of
 a burst is logged, and the next successful commit ends the burst with one line of its own; the
@@ -7,12 +8,30 @@ state is advisory: writers always try the disk again, which is how the proxy not
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from typing import Callable
 
-from .metrics import Metrics
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_DISK_ERRNOS = {errno.ENOSPC: "no_space", errno.EDQUOT: "quota", errno.EROFS: "read_only",
+                errno.EFBIG: "too_big", errno.EIO: "io_error"}
+_SQLITE_DISK_ERRORS = {"database or disk is full": "no_space", "readonly database": "read_only",
+                       "disk i/o error": "io_error", "unable to open database file": "cannot_open"}
+
+
+def disk_trouble(error: BaseException) -> str | None:
+    """Why a write to the cache failed when the disk is to blame (full, quota, read-only, I/O),
+    as a short label; None for any other failure."""
+    if isinstance(error, OSError):
+        return _DISK_ERRNOS.get(error.errno)
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        return next((label for words, label in _SQLITE_DISK_ERRORS.items() if words in text), None)
+    return None
 
 
 class WriteHealth:
@@ -28,7 +47,7 @@ class WriteHealth:
         return self._failures_in_burst == 0
 
     def failed(self, reason: str, doing: str) -> None:
-        """A write failed because of the disk (`reason` as from store.disk_trouble)."""
+        """A write failed because of the disk (`reason` as from disk_trouble)."""
         self._metrics.cache_write_errors.labels(reason).inc()
         if self.writable:
             log.error("cannot write to %s (%s) while %s: serving by pass-through, storing nothing, "

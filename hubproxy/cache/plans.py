@@ -1,4 +1,4 @@
-"""Choosing what to evict: least recently used first, never a pinned entry.
+"""Choosing what to evict or purge: least recently used first, never a pinned entry.
 
 Invariants: pure functions over Entry lists, no I/O; a blob shared by several keys counts once
 and goes only when every key using it goes; the plan never includes a pinned key, nor a key
@@ -11,7 +11,7 @@ import fnmatch
 import time
 from dataclasses import dataclass
 
-from .handles import parse_handle_url
+from ..handles import parse_handle_url
 from .store import Entry
 
 

@@ -8,7 +8,6 @@ and publishes nothing unless every check passed; export and import stream in con
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,13 +20,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import __version__, keys
+from .. import __version__
+from ..cache.store import Store
+from . import signing
+from .copying import copy_hashing
 from .sources import Archive, SourceError, parse_handle
-from .store import Store
 
 FORMAT = "hubproxy-bundle/1"
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-_BLOCK = 1 << 20
 
 
 class BundleError(ValueError):
@@ -48,7 +48,7 @@ def export(out: Path, items: list[Item], sign_key: Ed25519PrivateKey | None) -> 
         "format": FORMAT,
         "hubproxy": __version__,
         "created": time.time(),
-        "key_id": keys.key_id(sign_key.public_key()) if sign_key else None,
+        "key_id": signing.key_id(sign_key.public_key()) if sign_key else None,
         "archives": [{"sha256": item.archive.sha256, "size": item.archive.size, "handles": item.handles,
                       "source": item.archive.source} for item in items],
     }
@@ -140,7 +140,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo | None, name: str,
 def _check_signature(manifest_bytes: bytes, signature: bytes, verify_key) -> None:
     if verify_key is None:
         raise BundleError("the bundle is signed: give --verify-key to check it")
-    if not keys.verifies(verify_key, signature, manifest_bytes):
+    if not signing.verifies(verify_key, signature, manifest_bytes):
         raise BundleError("the manifest's signature does not verify with the given key (tampered, or another key)")
 
 
@@ -171,13 +171,9 @@ def _receive_blob(tar, member, expected: dict, received: dict, scratch: Path) ->
     if member.size != expected[sha]["size"]:
         raise BundleError(f"archive {sha[:16]}… is {member.size} bytes, the manifest says {expected[sha]['size']}")
     target = scratch / sha
-    digest = hashlib.sha256()
-    source = tar.extractfile(member)
     with target.open("wb") as out:
-        while block := source.read(_BLOCK):
-            digest.update(block)
-            out.write(block)
-    if digest.hexdigest() != sha:
+        digest, _ = copy_hashing(tar.extractfile(member), out)
+    if digest != sha:
         raise BundleError(f"archive {sha[:16]}… does not match its sha256 (corrupted or tampered)")
     return sha, target
 

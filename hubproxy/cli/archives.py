@@ -1,0 +1,49 @@
+"""Which models an offline command works on (HANDLEs, --alias, --file) and where their archives
+come from (--via a mirror, --from-cache a hubproxy cache dir, or upstream).
+
+Invariants: every spelling is parsed before anything is fetched, so a typo costs no download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..airgap import sources
+from .common import settings_or_exit
+
+
+def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_file) -> list[list[str]]:
+    """Each group: one model's spellings, the first fetched. --alias belongs to a single HANDLE;
+    a --file line may list several spellings of one model separated by spaces."""
+    if aliases and len(handles) != 1:
+        raise click.UsageError("--alias needs exactly one HANDLE (or list spellings on one --file line)")
+    groups = [[handle, *aliases] for handle in handles]
+    for line in handle_file or ():
+        spellings = line.split("#", 1)[0].split()
+        if spellings:
+            groups.append(spellings)
+    if not groups:
+        raise click.UsageError("name at least one HANDLE (or --file LIST)")
+    for group in groups:
+        for spelling in group:
+            try:
+                sources.parse_handle(spelling)
+            except sources.SourceError as e:
+                raise click.UsageError(str(e)) from None
+    return groups
+
+
+def archive_source(via: str | None, from_cache: Path | None, scratch: Path, settings_flags: dict):
+    if via and from_cache:
+        raise click.UsageError("give --via or --from-cache, not both")
+    try:
+        if via:
+            return sources.MirrorSource(via, scratch)
+        if from_cache:
+            return sources.CacheSource(from_cache)
+        return sources.UpstreamSource(settings_or_exit(settings_flags.pop("config_file"), settings_flags), scratch)
+    except sources.SourceError as e:
+        raise click.ClickException(str(e)) from None
+

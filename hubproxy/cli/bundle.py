@@ -1,0 +1,83 @@
+"""`hubproxy bundle`: carry models across an air gap in one signed tar."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import click
+
+from ..airgap import bundle, signing, sources, tfcache
+from . import console
+from .archives import archive_source, spelling_groups
+from .common import fail
+
+
+@click.group("bundle")
+def group() -> None:
+    """Carry models across an air gap: export a signed bundle, import it on the other side."""
+
+
+@group.command("export")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--via", metavar="MIRROR_URL")
+@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--file", "handle_file", type=click.File())
+@click.option("--alias", "aliases", multiple=True, metavar="SPELLING")
+@click.argument("handles", nargs=-1)
+def bundle_export(out: Path, sign_key, via, from_cache, handle_file, aliases, handles) -> None:
+    """Pack the archives of HANDLEs (with their aliases) into one signed tar."""
+    if not via and not from_cache:
+        raise click.UsageError("give --via MIRROR_URL or --from-cache DIR")
+    groups = spelling_groups(handles, aliases, handle_file)
+    try:
+        key = signing.load_private(sign_key) if sign_key else None
+    except signing.SigningKeyError as e:
+        fail(str(e))
+    source = archive_source(via, from_cache, out.parent / f".hubproxy-export-{uuid.uuid4().hex}", {})
+    try:
+        with console.Transfers() as transfers:
+            items = [bundle.Item(group, source.get(group[0], transfers.tracker(group[0]))) for group in groups]
+        manifest = bundle.export(out, items, key)
+    except sources.SourceError as e:
+        fail(str(e))
+    finally:
+        source.close()
+    signed = f"signed by key {manifest['key_id']}" if key else "UNSIGNED"
+    click.echo(f"wrote {out}: {len(manifest['archives'])} archives, {signed}")
+
+
+@group.command("import")
+@click.argument("bundle_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--verify-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--allow-unsigned", is_flag=True, help="Accept a bundle without a signature.")
+@click.option("--cache-dir", "tfdir", type=click.Path(file_okay=False, path_type=Path), help="A TFHUB_CACHE_DIR.")
+@click.option("--proxy-cache", type=click.Path(file_okay=False, path_type=Path), help="A hubproxy cache dir.")
+@click.option("--force", is_flag=True, help="Replace TFHUB_CACHE_DIR entries already present.")
+def bundle_import(bundle_file: Path, verify_key, allow_unsigned, tfdir, proxy_cache, force) -> None:
+    """Verify a bundle completely, then publish its models; on any problem nothing is written."""
+    if (tfdir is None) == (proxy_cache is None):
+        raise click.UsageError("give exactly one of --cache-dir TFDIR or --proxy-cache DIR")
+    if verify_key is None and not allow_unsigned:
+        raise click.UsageError("give --verify-key PUB.pem (or --allow-unsigned)")
+    destination = tfdir or proxy_cache
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        public = signing.load_public(verify_key) if verify_key else None
+        verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
+                                 allow_unsigned)
+    except (signing.SigningKeyError, bundle.BundleError) as e:
+        fail(str(e))
+    try:
+        if tfdir is not None:
+            written = tfcache.install_all([(item.archive.path, item.handles) for item in verified.items], tfdir,
+                                          force=force)
+        else:
+            written = bundle.seed_proxy_cache(verified, proxy_cache)
+    except (tfcache.UnsafeArchive, sources.SourceError) as e:
+        fail(str(e))
+    finally:
+        verified.discard()
+    click.echo(f"imported {len(verified.items)} archives; wrote {len(written)} entries into {destination}")
+

@@ -1,0 +1,183 @@
+"""`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+
+import click
+
+from ..cache import plans, scrub
+from ..cache.operations import carry_out, set_pinned
+from ..cache.store import Store
+from ..config import Settings
+from ..fetch.oneshot import refetch
+from ..handles import BadHandle
+from ..units import format_size, parse_duration, parse_size
+from . import console
+from .common import config_option, fail, parsed, settings_or_exit
+
+
+def _cache_options(command):
+    command = config_option("TOML settings file (for cache_dir and upstreams).")(command)
+    return click.option("--cache-dir", help="The hubproxy cache dir.  [default: from config]")(command)
+
+
+def _open_store(cache_dir, config_file) -> tuple[Store, Settings]:
+    settings = settings_or_exit(config_file, {"cache_dir": cache_dir})
+    if not (settings.cache_path / "index").is_dir():
+        fail(f"{settings.cache_path} is not a hubproxy cache dir")
+    return Store(settings.cache_path), settings
+
+
+def _patterns(typed: tuple[str, ...]) -> list[str]:
+    """Handles as typed (URLs), keys, paths, or globs of keys and paths → match patterns."""
+    try:
+        return plans.patterns(list(typed))
+    except BadHandle as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _keys_for(store: Store, typed: tuple[str, ...]) -> list[str]:
+    return plans.matching(store.entries(), _patterns(typed), include_pinned=True).keys
+
+
+@click.group("cache")
+def group() -> None:
+    """Inspect and steer a hubproxy cache (safe while a proxy serves from it)."""
+
+
+@group.command("ls")
+@_cache_options
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(cache_dir, config_file, as_json) -> None:
+    """Each entry: handle, size, sha256, fetched, last access, hits, pinned."""
+    store, _ = _open_store(cache_dir, config_file)
+    entries = sorted(store.entries(), key=lambda e: e.key)
+    store.close()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return
+    console.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
+               [[e.key, format_size(e.size), e.sha256[:16], console.when(e.fetched), console.when(e.last_access), str(e.hits),
+                 "yes" if e.pinned else ""] for e in entries])
+
+
+@group.command("stats")
+@_cache_options
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(cache_dir, config_file, as_json) -> None:
+    """Entries, bytes, hit ratio, free disk."""
+    store, settings = _open_store(cache_dir, config_file)
+    entries = store.entries()
+    store.close()
+    hits = sum(e.hits for e in entries)
+    stats = {"entries": len(entries), "blobs": len({e.sha256 for e in entries}), "bytes": plans.usage(entries),
+             "hits": hits, "fetches": len(entries),
+             "hit_ratio": round(hits / (hits + len(entries)), 4) if entries else 0.0,
+             "pinned": sum(e.pinned for e in entries),
+             "free_bytes": shutil.disk_usage(settings.cache_path).free}
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    console.summary(["stat", "value"], [[k, format_size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
+
+
+@group.command("pin")
+@_cache_options
+@click.argument("handles", nargs=-1, required=True)
+def cache_pin(cache_dir, config_file, handles) -> None:
+    """Never evict these entries (warmed, audited models)."""
+    _set_pinned(cache_dir, config_file, handles, True)
+
+
+@group.command("unpin")
+@_cache_options
+@click.argument("handles", nargs=-1, required=True)
+def cache_unpin(cache_dir, config_file, handles) -> None:
+    """Let these entries be evicted again."""
+    _set_pinned(cache_dir, config_file, handles, False)
+
+
+def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        keys_ = set_pinned(store, _patterns(handles), pinned)
+        if not keys_:
+            fail(f"no cached entry matches {' '.join(handles)}")
+        for key in keys_:
+            click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
+    finally:
+        store.close()
+
+
+@group.command("purge")
+@_cache_options
+@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
+def cache_purge(cache_dir, config_file, dry_run, patterns) -> None:
+    """Drop entries now, pinned or not (a bad upstream release, a legal request)."""
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        keys_ = _keys_for(store, patterns)
+        plan = plans.matching(store.entries(), keys_, include_pinned=True)
+        _apply(store, plan, dry_run)
+    finally:
+        store.close()
+
+
+@group.command("evict")
+@_cache_options
+@click.option("--max-size", help="Evict least recently used until the cache is at most SIZE (200G).")
+@click.option("--older-than", help="Evict entries unused for DURATION (30d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.argument("patterns", nargs=-1, metavar="[HANDLE_OR_GLOB...]")
+def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns) -> None:
+    """Evict by size, by age, or by name; pinned entries always stay."""
+    if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
+        raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
+    store, _ = _open_store(cache_dir, config_file)
+    try:
+        entries = store.entries()
+        if max_size:
+            plan = plans.to_fit(entries, parsed(parse_size, max_size))
+        elif older_than:
+            plan = plans.older_than(entries, parsed(parse_duration, older_than))
+        else:
+            plan = plans.matching(entries, _keys_for(store, patterns), include_pinned=False)
+        _apply(store, plan, dry_run)
+    finally:
+        store.close()
+
+
+def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for key in plan.keys:
+        click.echo(f"{verb} {key}")
+    if not dry_run:
+        carry_out(store, plan)
+    click.echo(f"{verb} {len(plan.keys)} entries, {format_size(plan.freed)}", err=True)
+
+
+@group.command("verify")
+@_cache_options
+@click.option("--repair", is_flag=True, help="Re-fetch what was bad from upstream.")
+def cache_verify(cache_dir, config_file, repair) -> None:
+    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each."""
+    store, settings = _open_store(cache_dir, config_file)
+    try:
+        findings = scrub.scrub(store)
+        scrub.quarantine_all(store, findings)
+        for finding in findings:
+            click.echo(f"BAD {', '.join(finding.keys)}: {finding.problem} (quarantined)", err=True)
+        if repair and findings:
+            for key, problem in refetch(store, settings, [k for f in findings for k in f.keys]):
+                click.echo(f"{'repaired' if problem is None else 'NOT repaired'} {key}"
+                           + (f": {problem}" if problem else ""), err=True)
+    finally:
+        store.close()
+    click.echo(f"checked; {len(findings)} bad blobs")
+    if findings:
+        sys.exit(1)

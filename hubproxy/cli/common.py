@@ -1,0 +1,52 @@
+"""What the commands share: settings from flags/env/TOML, the one-line failure, shared options.
+
+Invariants: every failure the operator can cause ends in a one-line message, never a traceback;
+flags override HUBPROXY_* variables, which override the TOML file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..config import ConfigError, Settings, load_settings
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def settings_or_exit(config_file, flags) -> Settings:
+    try:
+        return load_settings(config_file=config_file, overrides=flags)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def parsed(parser, text: str):
+    """A flag's value through a units parser; a malformed one is a usage error."""
+    try:
+        return parser(text)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def config_option(help_text: str = "TOML settings file."):
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False), help=help_text)
+
+
+def upstream_options(command):
+    """--config, --upstream and --allow-redirect-host, for commands that may fetch from upstream."""
+    for option in reversed([
+        config_option(),
+        click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL",
+                     help="Upstream base URL (no --via/--from-cache: fetch from upstream)."),
+        click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True, metavar="HOST[:PORT]"),
+    ]):
+        command = option(command)
+    return command

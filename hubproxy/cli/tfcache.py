@@ -1,0 +1,53 @@
+"""`hubproxy tfcache`: inspect a TFHUB_CACHE_DIR."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..airgap import tfcache
+from ..airgap.savedmodel import saved_model_loader
+from ..units import format_size
+from . import console
+
+
+@click.group("tfcache")
+def group() -> None:
+    """Inspect a TFHUB_CACHE_DIR."""
+
+
+@group.command("ls")
+@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def tfcache_ls(tfdir: Path, as_json: bool) -> None:
+    """List entries with the handle each came from."""
+    models = tfcache.list_models(tfdir)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return
+    console.summary(["directory", "handle", "files", "size", "loadable"],
+               [[m.name, m.handle or "?", str(m.files), format_size(m.bytes), "yes" if m.loadable else "NO"]
+                for m in models])
+
+
+@group.command("verify")
+@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def tfcache_verify(tfdir: Path) -> None:
+    """Check each entry has a loadable layout; with tensorflow installed, load it."""
+    loader = saved_model_loader()
+    bad = []
+    for model in tfcache.list_models(tfdir):
+        problem = None if model.loadable else "no saved_model.pb"
+        if problem is None and loader is not None:
+            problem = loader(tfdir / model.name)
+        click.echo(f"{'ok ' if problem is None else 'BAD'} {model.name} {model.handle or '?'}"
+                   + (f": {problem}" if problem else ""))
+        if problem:
+            bad.append(model.name)
+    if bad:
+        sys.exit(1)
+

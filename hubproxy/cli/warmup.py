@@ -1,0 +1,68 @@
+"""`hubproxy warmup`: fill a TFHUB_CACHE_DIR that tensorflow_hub then loads offline."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+from ..airgap import sources, tfcache
+from ..units import format_size
+from . import console
+from .archives import archive_source, spelling_groups
+from .common import upstream_options
+
+
+@click.command()
+@click.option("--cache-dir", "tfdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The TFHUB_CACHE_DIR to fill.")
+@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
+@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Read a hubproxy cache dir; no network.")
+@click.option("--file", "handle_file", type=click.File(),
+              help="Handles, one model per line (spellings space-separated).")
+@click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
+@click.option("--force", is_flag=True, help="Refresh entries that are already present.")
+@upstream_options
+@click.argument("handles", nargs=-1)
+def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, **settings_flags) -> None:
+    """Write TFHUB_CACHE_DIR entries that tensorflow_hub then loads offline.
+
+    HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
+    a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
+    groups = spelling_groups(handles, aliases, handle_file)
+    tfdir.mkdir(parents=True, exist_ok=True)
+    source = archive_source(via, from_cache, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
+    results = []
+    try:
+        with console.Transfers() as transfers:
+            for group in groups:
+                results.append(_warm_one(source, tfdir, group, force, transfers))
+    finally:
+        source.close()
+    console.summary(["handle", "result", "size", "detail"], results)
+    failed = [row[0] for row in results if row[1] == "failed"]
+    if failed:
+        for handle in failed:
+            click.echo(f"failed: {handle}", err=True)
+        sys.exit(1)
+
+
+def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> list[str]:
+    handle = group[0]
+    if not force and all(tfcache.is_present(tfdir, spelling) for spelling in group):
+        return [handle, "present", "", ", ".join(group[1:])]
+    try:
+        archive = source.get(handle, transfers.tracker(handle))
+        try:
+            written = tfcache.install(archive.path, tfdir, group, force=force)
+        finally:
+            if archive.disposable:
+                archive.path.unlink(missing_ok=True)
+    except (sources.SourceError, tfcache.UnsafeArchive) as e:
+        return [handle, "failed", "", str(e)]
+    aliases = [spelling for spelling in written if spelling != handle]
+    return [handle, "written", format_size(archive.size), f"also as {', '.join(aliases)}" if aliases else ""]
+

@@ -1,0 +1,110 @@
+"""What the origin promises about the bytes it sends (length, ETag, x-goog-hash crc32c/md5), the
+digests computed while they arrive, and the checks of one against the other.
+
+Invariants: sha256 is always computed (it names the blob); a fetch with neither a length nor a
+checksum, or whose body is not a gzip archive, is refused; a check either passes or raises
+FetchFailed(502) naming what did not match.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+import google_crc32c
+
+from .errors import FetchFailed
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    content_length: int | None
+    md5: bytes | None
+    crc32c: int | None
+    etag: str | None
+    content_type: str
+
+    @classmethod
+    def from_headers(cls, headers) -> "Evidence":
+        md5 = crc32c = None
+        for value in headers.getall("x-goog-hash", []):
+            for part in value.split(","):
+                name, _, encoded = part.strip().partition("=")
+                digest = _b64(encoded)
+                if name == "md5" and digest is not None and len(digest) == 16:
+                    md5 = digest
+                elif name == "crc32c" and digest is not None and len(digest) == 4:
+                    crc32c = int.from_bytes(digest, "big")
+        length = headers.get("Content-Length")
+        return cls(
+            content_length=int(length) if length and length.isdigit() else None,
+            md5=md5,
+            crc32c=crc32c,
+            etag=headers.get("ETag"),
+            content_type=headers.get("Content-Type", "application/octet-stream"),
+        )
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+
+
+class Digests:
+    """sha256 always; the origin's crc32c when given, else its md5.
+
+    Either catches transfer corruption; crc32c runs at ~15 GB/s where md5 manages ~0.8 GB/s,
+    which would make md5 the slowest step of every miss.
+    """
+
+    def __init__(self, evidence: Evidence):
+        self.sha256 = hashlib.sha256()
+        self.crc32c = google_crc32c.Checksum() if evidence.crc32c is not None else None
+        wants_md5 = evidence.md5 is not None and self.crc32c is None
+        self.md5 = hashlib.md5(usedforsecurity=False) if wants_md5 else None
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+        if self.crc32c is not None:
+            self.crc32c.update(data)
+
+    def update_all(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.update(piece)
+
+    def mismatch(self, evidence: Evidence) -> str | None:
+        if self.md5 is not None and self.md5.digest() != evidence.md5:
+            return "md5"
+        if self.crc32c is not None and int.from_bytes(self.crc32c.digest(), "big") != evidence.crc32c:
+            return "crc32c"
+        return None
+
+
+def refuse_unverifiable(evidence: Evidence) -> None:
+    """Before the body: refuse what we could never vouch for."""
+    if evidence.content_type.split(";")[0].strip().lower() == "text/html":
+        raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
+    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None:
+        raise FetchFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
+
+
+def check_archive_start(first_bytes: bytes) -> None:
+    if not first_bytes.startswith(GZIP_MAGIC):
+        raise FetchFailed(502, "upstream did not send a gzip archive")
+
+
+def check_complete(evidence: Evidence, received: int, digests: Digests) -> None:
+    """After the body: every byte the origin promised arrived, and they match its checksum."""
+    expected = evidence.content_length
+    if expected is not None and received != expected:
+        raise FetchFailed(502, f"upstream sent {received} of {expected} bytes")
+    bad = digests.mismatch(evidence)
+    if bad:
+        raise FetchFailed(502, f"upstream bytes do not match its own {bad} checksum")

@@ -1,0 +1,238 @@
+"""The ingest of one flight: upstream bytes received on the event loop, hashed in one thread and
+written to the temp file in another, checked against the origin's evidence, then committed.
+
+Invariants: an entry is committed only when the byte count and every checksum the origin gave
+match; at most MAX_PENDING_BATCHES received batches wait for the hasher and the writer, which
+bounds memory; when the disk refuses the bytes (full, read-only) the fetch goes on in memory for
+the readers it has, paced by the slowest, and stores nothing; every ending reaches the flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp
+
+from ..cache.diskhealth import WriteHealth, disk_trouble
+from ..cache.store import Store
+from ..handles import strip_query
+from .errors import FetchFailed
+from .evidence import Digests, Evidence, check_archive_start, check_complete, refuse_unverifiable
+from .flight import Flight, State
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 1024 * 1024
+MAX_PENDING_BATCHES = 4
+# In pass-through, what one fetch may hold in memory for its slowest reader (> HOLDBACK + a batch).
+PASS_THROUGH_LIMIT = 16 * 1024 * 1024
+
+
+class _Batch:
+    """Received pieces on their way to the hasher and the disk."""
+
+    def __init__(self, start: int, pieces: list[bytes], hashed: asyncio.Future):
+        self.start, self.pieces, self.hashed = start, pieces, hashed
+        self.size = sum(map(len, pieces))
+        self.write: asyncio.Future | None = None
+
+    def cancel(self) -> None:
+        for future in (self.hashed, self.write):
+            if future is not None:
+                future.cancel()
+
+
+class Ingest:
+    def __init__(self, flight: Flight, store: Store, upstream: Upstream, health: WriteHealth):
+        self._flight = flight
+        self._store = store
+        self._upstream = upstream
+        self._health = health
+        self._temp: Path | None = None
+        self._disk_failed = False
+
+    async def run(self) -> None:
+        flight, write_fd = self._flight, None
+        state, entry, error = State.FAILED, None, None
+        try:
+            response = await self._upstream.open(flight.url)
+            with contextlib.closing(response):
+                source = strip_query(str(response.url))  # the final hop, without its signature
+                flight.evidence = Evidence.from_headers(response.headers)
+                refuse_unverifiable(flight.evidence)
+                write_fd = self._open_temp()
+                digests = Digests(flight.evidence)
+                await self._stream(response, write_fd, digests)
+            if write_fd is not None:
+                os.close(write_fd)
+                write_fd = None
+            check_complete(flight.evidence, flight.received, digests)
+            if flight.window is None:
+                entry = await self._commit(digests.sha256.hexdigest(), source)
+            if entry is not None:
+                state = State.COMMITTED
+                log.info("committed %s: %d bytes, sha256 %s", flight.key, flight.written, entry.sha256)
+            else:
+                state = State.PASSED
+                log.info("delivered %s (%s) without storing it", flight.key, digests.sha256.hexdigest())
+        except FetchFailed as e:
+            error = e
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            error = FetchFailed(502, f"upstream transfer broke after {flight.received} bytes: {type(e).__name__}")
+        except asyncio.CancelledError:
+            error = FetchFailed(503, "hubproxy is shutting down")
+            raise
+        except Exception as e:  # a bug or a disk error must still end every reader's stream
+            log.exception("flight %s crashed", flight.key)
+            error = FetchFailed(500, f"internal error while fetching: {type(e).__name__}")
+        finally:
+            if write_fd is not None:
+                os.close(write_fd)
+            if state is not State.COMMITTED and self._temp is not None:
+                with contextlib.suppress(OSError):  # a read-only disk keeps it until clear_temp at start
+                    self._store.discard(self._temp)
+            if error is not None:
+                log.warning("fetch of %s failed: %s", flight.key, error.message)
+            flight.ended(state, entry, error)
+
+    def _open_temp(self) -> int | None:
+        """The temp file's write descriptor, or None (pass-through) when the disk refuses one."""
+        try:
+            write_fd, self._temp = self._store.new_temp_file()
+        except OSError as e:
+            if (reason := disk_trouble(e)) is None:
+                raise
+            self._pass_through(reason, at=0, batches=())
+            return None
+        self._flight.readers_follow(self._temp)
+        return write_fd
+
+    async def _commit(self, sha256: str, source: str):
+        flight = self._flight
+        try:
+            entry = await asyncio.to_thread(
+                self._store.commit, flight.key, self._temp, sha256, flight.written,
+                etag=flight.evidence.etag, content_type=flight.evidence.content_type, source=source)
+        except Exception as e:
+            if (reason := disk_trouble(e)) is None:
+                raise
+            self._health.failed(reason, f"committing {flight.key}")
+            return None
+        self._health.succeeded()
+        return entry
+
+    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int | None, digests: Digests) -> None:
+        """Receive on the event loop while one thread writes and another hashes earlier batches
+        (each single-threaded, so in order); readers are woken as each batch reaches the file,
+        or the window once the disk has refused a write."""
+        flight, loop = self._flight, asyncio.get_running_loop()
+        pending: collections.deque[_Batch] = collections.deque()
+        received = 0
+        with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
+            try:
+                async for pieces in _batches(response.content, BATCH_SIZE):
+                    if flight.state is State.CONNECTING:
+                        check_archive_start(b"".join(pieces[:2]))
+                        flight.streaming()
+                    batch = _Batch(received, pieces, loop.run_in_executor(hasher, digests.update_all, pieces))
+                    received += batch.size
+                    pending.append(batch)
+                    if flight.window is None:
+                        batch.write = loop.run_in_executor(writer, _write_all, write_fd, pieces)
+                        batch.write.add_done_callback(functools.partial(self._on_written, received))
+                    else:
+                        await self._hold(pieces)
+                    while len(pending) > MAX_PENDING_BATCHES:
+                        await self._settle(pending)
+                while pending:
+                    await self._settle(pending)
+            finally:
+                for batch in pending:
+                    batch.cancel()
+        if flight.window is None:
+            flight.advance(received)  # the last callbacks may not have run yet
+        if flight.state is State.CONNECTING:
+            raise FetchFailed(502, "upstream sent an empty body")
+
+    async def _settle(self, pending: collections.deque[_Batch]) -> None:
+        """Wait for the oldest batch to be hashed and written; a write the disk refuses turns the
+        fetch into pass-through from that batch on."""
+        batch = pending[0]
+        await batch.hashed
+        if batch.write is not None:
+            try:
+                await batch.write
+            except OSError as e:
+                if (reason := disk_trouble(e)) is None:
+                    raise
+                self._pass_through(reason, at=batch.start, batches=pending)
+                self._require_streamers()
+        pending.popleft()
+
+    def _pass_through(self, reason: str, at: int, batches) -> None:
+        """The disk refused bytes from `at` on: keep them (and later ones) in memory instead."""
+        self._health.failed(reason, f"fetching {self._flight.key}")
+        window = self._flight.hold_in_memory(at, PASS_THROUGH_LIMIT)
+        for batch in batches:
+            if batch.write is not None:
+                batch.write.cancel()
+                batch.write = None
+            window.append(batch.pieces)
+        self._flight.notify()
+
+    async def _hold(self, pieces: list[bytes]) -> None:
+        flight = self._flight
+        flight.window.append(pieces)
+        flight.notify()
+        flight.release_window()
+        self._require_streamers()
+        await flight.window.wait_for_room()
+
+    def _require_streamers(self) -> None:
+        if self._flight.streamers == 0:
+            raise FetchFailed(503, f"the cache cannot store {self._flight.key} now and no client is left "
+                                   "to stream it to")
+
+    def _on_written(self, end: int, write: asyncio.Future) -> None:
+        if write.cancelled() or write.exception() is not None:
+            self._disk_failed = True  # later writes land after a short one: never trust them
+        elif not self._disk_failed:
+            self._flight.advance(end)
+
+
+async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[list[bytes]]:
+    """The body as lists of received pieces totalling about `size` bytes: few thread hand-offs
+    per GB, and no copy to join them."""
+    batch: list[bytes] = []
+    filled = 0
+    while piece := await content.readany():
+        batch.append(piece)
+        filled += len(piece)
+        if filled >= size:
+            yield batch
+            batch, filled = [], 0
+    if batch:
+        yield batch
+
+
+def _single_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    views = [memoryview(piece) for piece in pieces]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]

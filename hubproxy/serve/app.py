@@ -1,0 +1,118 @@
+"""The aiohttp application: its routes and the lifecycle of its components (store, upstream
+client, flights, housekeeping), and the dispatch of a hub request to a hit or a flight.
+
+Invariants: a request for a cached archive is a hit and never contacts upstream; in offline mode
+nothing ever does; components open before the first request and close after the last, in
+reverse order; this module asks handles and the store, and never builds a file path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+
+from aiohttp import web
+
+from ..cache.diskhealth import WriteHealth
+from ..cache.housekeeping import Housekeeper
+from ..cache.store import Store
+from ..config import Settings
+from ..fetch.flights import Flights
+from ..fetch.upstream import Upstream
+from ..handles import BadHandle, parse_request_target
+from ..metrics import Metrics
+from ..units import parse_size
+from . import admin, browse
+from .accesslog import HANDLE_KEY
+from .components import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
+from .hits import range_problem, sends_body, serve_hit
+from .misses import head_upstream, serve_flight
+from .replies import MISS, X_CACHE, error
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 8190})
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", browse_page)
+    admin.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", hub)
+    app.cleanup_ctx.append(_components)
+    return app
+
+
+async def _components(app: web.Application):
+    settings = app[SETTINGS]
+    store = Store(settings.cache_path)
+    removed = store.clear_temp()
+    if removed:
+        log.info("removed %d temp files left by interrupted fetches", removed)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(store.close)
+        upstream = await stack.enter_async_context(Upstream(settings))
+        app[STORE], app[UPSTREAM] = store, upstream
+        health = WriteHealth(app[METRICS], store.root)
+        app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS], health)
+        stack.push_async_callback(flights.close)
+        app[SERVING] = serving = collections.Counter()
+        keeper = Housekeeper(store, app[METRICS], health, busy_keys=flights.keys, busy_blobs=lambda: set(+serving),
+                             max_size=_size_or_none(settings.max_size), min_free=_size_or_none(settings.min_free))
+        flights.on_commit = health.on_failure = keeper.poke  # the caps may need enforcing now
+        upkeep = asyncio.create_task(keeper.run())
+        stack.callback(upkeep.cancel)
+        yield
+
+
+def _size_or_none(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def browse_page(request: web.Request) -> web.Response:
+    entries = await asyncio.to_thread(request.app[STORE].entries)
+    base_url = f"{request.scheme}://{request.host}"
+    return browse.response(entries, base_url, _size_or_none(request.app[SETTINGS].max_size))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    return web.Response(body=registry.exposition(), headers={"Content-Type": registry.content_type})
+
+
+async def hub(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        return error(405, f"method {request.method} is not allowed; hub archives are read-only",
+                     headers={"Allow": "GET, HEAD"})
+    if not request.raw_path.startswith("/"):
+        return error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
+    if request.raw_path.startswith("/admin/"):
+        return error(404, "no such admin endpoint (or wrong method)")
+    try:
+        handle = parse_request_target(request.raw_path)
+    except BadHandle as e:
+        return error(400, str(e))
+    request[HANDLE_KEY] = handle.key
+    problem = range_problem(request.headers.get("Range"))
+    if problem:
+        return error(400, problem)
+    store = request.app[STORE]
+    entry = store.lookup(handle.key)
+    if entry is not None and sends_body(request, entry) and not store.has_blob(entry):
+        store.forget(handle.key)  # purged or evicted by another process since we looked
+        entry = None
+    if entry is not None:
+        return await serve_hit(request, entry)
+    if request.app[SETTINGS].mode == "offline":
+        return error(504, f"{handle.key} is not cached and this mirror is offline", headers={X_CACHE: MISS})
+    if request.method == "HEAD":
+        return await head_upstream(request, handle)
+    return await serve_flight(request, handle)

@@ -1,0 +1,111 @@
+"""Misses: a request for an archive not yet cached joins the flight for its key (JOIN) or starts
+one (MISS), and follows the growing archive as it arrives.
+
+Invariants: a streamed response ends with its terminating chunk only after the archive is
+verified (and committed, unless the disk refuses it), otherwise the connection is cut; HTTP/1.0
+clients, which cannot be told of a cut, get only verified, stored archives; this module asks the
+flight for spans and never builds a file path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from ..fetch.errors import FetchFailed
+from ..fetch.evidence import Evidence
+from ..fetch.flight import Flight
+from ..handles import Handle
+from .accesslog import BODY_BYTES_KEY
+from .components import FLIGHTS, METRICS, SETTINGS, UPSTREAM
+from .hits import serve_hit
+from .replies import JOIN, MISS, X_CACHE, error
+
+log = logging.getLogger(__name__)
+
+
+async def serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
+    # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
+    # are cut from verified blobs only.
+    streaming = request.version >= (1, 1)
+    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle), streaming=streaming) as (
+            flight, joined):
+        outcome = JOIN if joined else MISS
+        request.app[METRICS].requests.labels(outcome).inc()
+        try:
+            await flight.ready()
+        except FetchFailed as e:
+            return error(e.status, e.message, headers={X_CACHE: outcome})
+        if not streaming:
+            return await _serve_when_committed(request, flight)
+        response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            await _send_chunked(request, response, flight)
+            await response.write_eof()
+        except FetchFailed as e:
+            log.warning("cutting %s short for a client: %s", handle.key, e.message)
+            _cut(request)
+        except ConnectionResetError:
+            log.info("client left during %s; the fetch goes on", handle.key)
+        return response
+
+
+async def _send_chunked(request: web.Request, response: web.StreamResponse, flight: Flight) -> None:
+    """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
+    through Python), or written from memory when the fetch is passing through. The terminating
+    chunk is left to the caller: it is the promise of a complete, verified archive."""
+    loop = asyncio.get_running_loop()
+    request[BODY_BYTES_KEY] = 0
+    with flight.open_file() or contextlib.nullcontext() as archive:
+        async with contextlib.aclosing(flight.spans()) as spans:
+            async for start, length, data in spans:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                if data is None:
+                    transport.write(b"%x\r\n" % length)
+                    await loop.sendfile(transport, archive, start, length)
+                    transport.write(b"\r\n")
+                else:
+                    for view in data:
+                        await response.write(view)  # framed as a chunk of its own, with flow control
+                request[BODY_BYTES_KEY] += length
+
+
+async def _serve_when_committed(request: web.Request, flight: Flight) -> web.StreamResponse:
+    """HTTP/1.0 has no chunked encoding to withhold the end with: such clients wait for the
+    verified archive and get it with a Content-Length, like a hit."""
+    try:
+        entry = await flight.finished()
+    except FetchFailed as e:
+        return error(e.status, e.message, headers={X_CACHE: MISS})
+    return await serve_hit(request, entry, outcome=MISS)
+
+
+def _cut(request: web.Request) -> None:
+    """End the connection without the terminating chunk, so the client sees an incomplete body."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
+    request.app[METRICS].requests.labels(MISS).inc()
+    try:
+        upstream_response = await request.app[UPSTREAM].open(_upstream_url(request, handle), method="HEAD")
+    except FetchFailed as e:
+        return error(e.status, e.message, headers={X_CACHE: MISS})
+    with contextlib.closing(upstream_response):
+        evidence = Evidence.from_headers(upstream_response.headers)
+    headers = {X_CACHE: MISS, "Content-Type": evidence.content_type}
+    if evidence.content_length is not None:
+        headers["Content-Length"] = str(evidence.content_length)
+    return web.Response(status=200, headers=headers)
+
+
+def _upstream_url(request: web.Request, handle: Handle) -> str:
+    return handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])

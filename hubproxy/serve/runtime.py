@@ -1,0 +1,78 @@
+"""Running the server: the listening socket, aiohttp's runner with the JSON access log, and a
+clean stop on SIGINT/SIGTERM.
+
+Invariants: the "listening on URL" line is printed only once the socket accepts connections;
+on a stop signal the listener closes first, then open connections, then the components, and
+buffered access lines are flushed last; a malformed request costs one log line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Callable
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from ..config import Settings
+from . import accesslog
+from .app import create_app
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 128
+
+
+def quiet_malformed_requests() -> None:
+    """aiohttp logs a traceback for every malformed request; a client's mistake deserves one line,
+    without the offending bytes (they may hold a client's credentials)."""
+    logging.getLogger("aiohttp.server").addFilter(_one_line_bad_requests)
+
+
+def _one_line_bad_requests(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "refused a malformed request: %s (%s)", (type(error).__name__, error.code)
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def listening_socket(settings: Settings) -> socket.socket:
+    """The bound, listening socket for settings.listen (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.listen_host, settings.listen_port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_until_stopped(settings: Settings, announce: Callable[[str], None]) -> None:
+    """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
+    access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
+    runner = web.AppRunner(create_app(settings), access_log_class=access_log.aiohttp_logger_class(),
+                           access_log=logging.getLogger("hubproxy.access"))
+    await runner.setup()
+    try:
+        sock = listening_socket(settings)
+        site = web.SockSite(runner, sock)
+        await site.start()
+        host, port = sock.getsockname()[:2]
+        announce(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        access_log.flush()
