@@ -203,6 +203,18 @@ def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+def raw_exchange(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
+    """Send exact bytes and return (status, every byte of the response, headers included), for a
+    request the server answers by closing the connection (errors, Connection: close)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request_bytes)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return int(received.split(b" ", 2)[1]), received
+
+
 def peak_rss(pid: int) -> int:
     """A process's peak resident memory so far, in bytes."""
     with open(f"/proc/{pid}/status") as status:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import diskcache
 
@@ -91,6 +92,14 @@ class Store:
         self._remember(entry, now)
         return entry
 
+    def open_blob(self, entry: Entry) -> BinaryIO | None:
+        """The entry's blob open for reading, or None when it is gone (purged or evicted by another
+        process since the lookup); an open blob stays readable to its end whatever happens next."""
+        try:
+            return open(self._blob_file(entry.sha256), "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+
     def has_blob(self, entry: Entry) -> bool:
         """Whether the blob is on disk now (lookup's answer may be up to MEMO_SECONDS old)."""
         return os.path.isfile(self._blob_file(entry.sha256))
@@ -114,14 +123,12 @@ class Store:
 
     def entries(self) -> list[Entry]:
         """Every index entry (a snapshot). diskcache has no bulk read, and a get per key costs
-        2.6 s for 100k entries; one SELECT through its own connection and value decoder costs
-        0.26 s. Should that internal ever change, the per-key path still works."""
-        try:
-            rows = self._index._sql("SELECT mode, value, filename FROM Cache").fetchall()
-            raws = [self._index.disk.fetch(mode, filename, value, False) for mode, value, filename in rows]
-        except (AttributeError, TypeError):
-            raws = [self._index.get(key) for key in list(self._index.iterkeys())]
-        return [Entry(**raw) for raw in raws if raw is not None]
+        2.6 s for 100k entries; one SELECT through its own connection and its public Disk.fetch
+        decoder costs 0.26 s. The SELECT uses diskcache's private _sql and table, so diskcache is
+        pinned (pyproject.toml) and tests/test_index_bulk_read.py checks this read against the
+        public per-key one."""
+        rows = self._index._sql("SELECT mode, value, filename FROM Cache").fetchall()
+        return [Entry(**self._index.disk.fetch(mode, filename, value, False)) for mode, value, filename in rows]
 
     def stored_blobs(self) -> set[str]:
         """sha256 of every blob file present."""

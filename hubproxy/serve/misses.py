@@ -9,7 +9,6 @@ flight for spans and never builds a file path.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -19,6 +18,7 @@ from ..fetch.errors import FetchFailed
 from ..fetch.evidence import Evidence
 from ..fetch.flight import Flight
 from ..handles import Handle
+from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import FLIGHTS, METRICS, SETTINGS, UPSTREAM
 from .hits import serve_hit
@@ -43,14 +43,14 @@ async def serve_flight(request: web.Request, handle: Handle) -> web.StreamRespon
             return await _serve_when_committed(request, flight)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
         response.enable_chunked_encoding()
-        await response.prepare(request)
         try:
+            await wire.start(request, response)
             await _send_chunked(request, response, flight)
             await response.write_eof()
         except FetchFailed as e:
             log.warning("cutting %s short for a client: %s", handle.key, e.message)
-            _cut(request)
-        except ConnectionResetError:
+            wire.cut(request)
+        except ConnectionError:
             log.info("client left during %s; the fetch goes on", handle.key)
         return response
 
@@ -59,18 +59,12 @@ async def _send_chunked(request: web.Request, response: web.StreamResponse, flig
     """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
     through Python), or written from memory when the fetch is passing through. The terminating
     chunk is left to the caller: it is the promise of a complete, verified archive."""
-    loop = asyncio.get_running_loop()
     request[BODY_BYTES_KEY] = 0
     with flight.open_file() or contextlib.nullcontext() as archive:
         async with contextlib.aclosing(flight.spans()) as spans:
             async for start, length, data in spans:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away")
                 if data is None:
-                    transport.write(b"%x\r\n" % length)
-                    await loop.sendfile(transport, archive, start, length)
-                    transport.write(b"\r\n")
+                    await wire.send_file_chunk(request, archive, start, length)
                 else:
                     for view in data:
                         await response.write(view)  # framed as a chunk of its own, with flow control
@@ -84,13 +78,8 @@ async def _serve_when_committed(request: web.Request, flight: Flight) -> web.Str
         entry = await flight.finished()
     except FetchFailed as e:
         return error(e.status, e.message, headers={X_CACHE: MISS})
-    return await serve_hit(request, entry, outcome=MISS)
-
-
-def _cut(request: web.Request) -> None:
-    """End the connection without the terminating chunk, so the client sees an incomplete body."""
-    if request.transport is not None:
-        request.transport.abort()
+    response = await serve_hit(request, entry, outcome=MISS)
+    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: MISS})
 
 
 async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
