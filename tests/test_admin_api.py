@@ -1,6 +1,6 @@
 """The admin API is off without a token, refuses wrong tokens, never logs them, and steers the
-live cache; a malformed body is a one-line 4xx that changes nothing (never a 500); offline mode never
-contacts upstream."""
+live cache; a malformed body is a one-line 4xx that changes nothing (never a 500); a pinned entry
+is purged only when asked explicitly; offline mode never contacts upstream."""
 
 from __future__ import annotations
 
@@ -121,6 +121,23 @@ def test_purge_by_handle_url_removes_that_entry_only(admin_proxy, two_cached):
     status, result = _admin(admin_proxy, "/admin/purge", {"handles": [f"https://tfhub.dev/{models[1].handle}"]})
     assert (status, result["removed"]) == (200, [b])
     assert _listing(admin_proxy) == {a: False}
+
+
+def test_purge_of_a_pinned_entry_needs_include_pinned(admin_proxy, two_cached):
+    _, (a, b) = two_cached
+    assert _admin(admin_proxy, "/admin/pin", {"handles": [a]})[0] == 200
+
+    status, reason = _admin(admin_proxy, "/admin/purge", {"handles": ["tfhub:/google/*"]})
+    assert status == 409 and _one_line(reason)
+    assert "1 of the 2" in reason and "include_pinned" in reason
+    assert _listing(admin_proxy) == {a: True, b: False}
+
+    status, reason = _admin(admin_proxy, "/admin/purge", {"handles": ["tfhub:/google/*"], "dry_run": True})
+    assert status == 409 and "include_pinned" in reason
+
+    status, result = _admin(admin_proxy, "/admin/purge", {"handles": ["tfhub:/google/*"], "include_pinned": True})
+    assert (status, result["removed"]) == (200, [a, b])
+    assert _listing(admin_proxy) == {}
 
 
 # -- bad bodies: a one-line 4xx, nothing changed, never a 500 ------------------------------------

@@ -3,7 +3,8 @@
 Invariants: the routes exist only when an admin token is configured (404 otherwise); every
 request must carry it as a Bearer token, compared in constant time (401 otherwise); the token is
 never logged or echoed; a body is checked whole (adminbody) before anything is done, and a
-refused one changes nothing; nothing in flight is ever purged or evicted.
+refused one changes nothing; nothing in flight is ever purged or evicted, and a pinned entry is
+purged only when the body says "include_pinned": true.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ async def purge(request: web.Request) -> web.Response:
     body = await read_body(request, "purge")
     entries = await _idle_entries(request)
     plan = plans.matching(entries, body.handles, include_pinned=True)
+    chosen = set(plan.keys)
+    pinned = sum(e.pinned for e in entries if e.key in chosen)
+    if pinned and not body.include_pinned:
+        return error(409, f"{pinned} of the {len(plan.keys)} matching entries pinned, so nothing was purged: "
+                          'add "include_pinned": true to purge pinned entries too')
     return await _apply(request, plan, body.dry_run)
 
 
