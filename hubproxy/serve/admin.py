@@ -2,7 +2,9 @@
 
 Invariants: the routes exist only when an admin token is configured (404 otherwise); every
 request must carry it as a Bearer token, compared in constant time (401 otherwise); the token is
-never logged or echoed; nothing in flight is ever purged or evicted.
+never logged or echoed; a body is checked whole (adminbody) before anything is done, and a
+refused one changes nothing; nothing in flight is ever purged or evicted, and a pinned entry is
+purged only when the body says "include_pinned": true.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from aiohttp import web
 
 from ..cache import plans, scrub
 from ..cache.operations import carry_out, set_pinned
-from ..handles import BadHandle
-from ..units import parse_duration, parse_size
+from ..cache.store import Entry
+from .adminbody import BadBody, read_body
 from .components import FLIGHTS, METRICS, SETTINGS, STORE
+from .replies import error
 
 
 def add_routes(app: web.Application) -> None:
@@ -36,21 +39,9 @@ def _guarded(handler):
             raise web.HTTPUnauthorized(text="admin token missing or wrong\n", headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
-        except (BadHandle, ValueError) as e:
-            raise web.HTTPBadRequest(text=f"{e}\n") from None
+        except BadBody as e:
+            return error(e.status, str(e))
     return guarded
-
-
-async def _body(request: web.Request) -> dict:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="the body must be a JSON object\n") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="the body must be a JSON object\n")
-    return body
 
 
 async def ls(request: web.Request) -> web.Response:
@@ -59,33 +50,33 @@ async def ls(request: web.Request) -> web.Response:
 
 
 async def purge(request: web.Request) -> web.Response:
-    body = await _body(request)
-    plan = await _plan(request, lambda entries: plans.matching(entries, plans.patterns(body.get("handles", [])),
-                                                                include_pinned=True))
-    return await _apply(request, plan, bool(body.get("dry_run")))
+    body = await read_body(request, "purge")
+    entries = await _idle_entries(request)
+    plan = plans.matching(entries, body.handles, include_pinned=True)
+    chosen = set(plan.keys)
+    pinned = sum(e.pinned for e in entries if e.key in chosen)
+    if pinned and not body.include_pinned:
+        return error(409, f"{pinned} of the {len(plan.keys)} matching entries pinned, so nothing was purged: "
+                          'add "include_pinned": true to purge pinned entries too')
+    return await _apply(request, plan, body.dry_run)
 
 
 async def evict_(request: web.Request) -> web.Response:
-    body = await _body(request)
-    if body.get("max_size") is not None:
-        limit = parse_size(str(body["max_size"]))
-        choose = lambda entries: plans.to_fit(entries, limit)  # noqa: E731
-    elif body.get("older_than") is not None:
-        age = parse_duration(str(body["older_than"]))
-        choose = lambda entries: plans.older_than(entries, age)  # noqa: E731
-    elif body.get("handles"):
-        choose = lambda entries: plans.matching(entries, plans.patterns(body["handles"]),  # noqa: E731
-                                                include_pinned=False)
+    body = await read_body(request, "evict")
+    entries = await _idle_entries(request)
+    if body.max_size is not None:
+        plan = plans.to_fit(entries, body.max_size)
+    elif body.older_than is not None:
+        plan = plans.older_than(entries, body.older_than)
     else:
-        raise web.HTTPBadRequest(text="give max_size, older_than or handles\n")
-    return await _apply(request, await _plan(request, choose), bool(body.get("dry_run")))
+        plan = plans.matching(entries, body.handles, include_pinned=False)
+    return await _apply(request, plan, body.dry_run)
 
 
-async def _plan(request: web.Request, choose) -> plans.Plan:
-    """A plan over the entries that are not being fetched right now."""
+async def _idle_entries(request: web.Request) -> list[Entry]:
+    """The entries that are not being fetched right now: the only ones a plan may name."""
     busy = request.app[FLIGHTS].keys()
-    entries = [e for e in await asyncio.to_thread(request.app[STORE].entries) if e.key not in busy]
-    return choose(entries)
+    return [e for e in await asyncio.to_thread(request.app[STORE].entries) if e.key not in busy]
 
 
 async def _apply(request: web.Request, plan: plans.Plan, dry_run: bool) -> web.Response:
@@ -104,12 +95,13 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
-    body = await _body(request)
-    keys = await asyncio.to_thread(set_pinned, request.app[STORE], plans.patterns(body.get("handles", [])), pinned)
+    body = await read_body(request, "pin" if pinned else "unpin")
+    keys = await asyncio.to_thread(set_pinned, request.app[STORE], body.handles, pinned)
     return web.json_response({"pinned" if pinned else "unpinned": keys})
 
 
 async def verify_(request: web.Request) -> web.Response:
+    await read_body(request, "verify")  # it takes no fields: refuse any rather than ignore them
     store = request.app[STORE]
     findings = await asyncio.to_thread(scrub.scrub, store)
     await asyncio.to_thread(scrub.quarantine_all, store, findings)
