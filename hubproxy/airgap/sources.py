@@ -95,7 +95,8 @@ def _download(url: str, target: Path, progress: Progress | None) -> tuple[str, i
     """Stream url into target hashing it; a short or broken body raises. (sha256, size, Repr-Digest)."""
     with urllib.request.urlopen(url, timeout=300) as response, target.open("wb") as out:
         total = response.length
-        digest, size = copy_hashing(response, out, progress and (lambda done: progress(done, total)))
+        report = None if progress is None else lambda done: progress(done, total)
+        digest, size = copy_hashing(response, out, report)
         if total is not None and response.length:
             raise SourceError(f"{url}: body ended {response.length} bytes short")
         announced = _repr_digest_sha256(response.headers.get("Repr-Digest"))

@@ -24,6 +24,7 @@ from .app import create_app
 log = logging.getLogger(__name__)
 
 BACKLOG = 128
+KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default is an hour)
 
 
 def quiet_malformed_requests() -> None:
@@ -60,7 +61,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     runner = web.AppRunner(create_app(settings), access_log_class=access_log.aiohttp_logger_class(),
-                           access_log=logging.getLogger("hubproxy.access"))
+                           access_log=logging.getLogger("hubproxy.access"), keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     try:
         sock = listening_socket(settings)
