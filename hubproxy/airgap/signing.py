@@ -35,12 +35,16 @@ def generate(private_path: Path) -> Path:
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     pub = public_path(private_path)
+    if not private_path.parent.is_dir():
+        raise SigningKeyError(f"cannot write {private_path}: directory {private_path.parent} does not exist")
     if pub.exists():
         raise SigningKeyError(f"{pub} already exists; not overwriting a key")
     try:
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise SigningKeyError(f"{private_path} already exists; not overwriting a key") from None
+    except OSError as e:
+        raise SigningKeyError(f"cannot write {private_path}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem)
     pub.write_bytes(public_pem)

@@ -1,4 +1,8 @@
-"""The command line: serve | warmup | tfcache | keys | bundle | cache, one module per group."""
+"""The command line: serve | warmup | tfcache | keys | bundle | cache, one module per group.
+
+Invariants: exit status 0 done, 1 a finding (each named), 2 the operator's error; never a
+traceback (failures.GuardedGroup is the last resort).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import click
 
 from .. import __version__
 from . import bundle, cache, serve, signing, tfcache, warmup
+from .failures import GuardedGroup
 
 
-@click.group()
+@click.group(cls=GuardedGroup)
 @click.version_option(__version__, prog_name="hubproxy")
 def main() -> None:
     """hubproxy: a caching mirror for TensorFlow Hub model archives."""

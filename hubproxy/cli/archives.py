@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from ..airgap import sources
-from .common import settings_or_exit
+from .common import CACHE_DIR, settings_or_exit
+from .failures import directory_errors, fail
 
 
 def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_file) -> list[list[str]]:
@@ -42,8 +43,9 @@ def archive_source(via: str | None, from_cache: Path | None, scratch: Path, sett
         if via:
             return sources.MirrorSource(via, scratch)
         if from_cache:
-            return sources.CacheSource(from_cache)
+            with directory_errors(from_cache, CACHE_DIR):
+                return sources.CacheSource(from_cache)
         return sources.UpstreamSource(settings_or_exit(settings_flags.pop("config_file"), settings_flags), scratch)
     except sources.SourceError as e:
-        raise click.ClickException(str(e)) from None
+        fail(str(e))
 

@@ -10,7 +10,8 @@ import click
 from ..airgap import bundle, signing, sources, tfcache
 from . import console
 from .archives import archive_source, spelling_groups
-from .common import fail
+from .common import CACHE_DIR
+from .failures import directory_errors, ensure_dir, fail
 
 
 @click.group("bundle")
@@ -62,7 +63,7 @@ def bundle_import(bundle_file: Path, verify_key, allow_unsigned, tfdir, proxy_ca
     if verify_key is None and not allow_unsigned:
         raise click.UsageError("give --verify-key PUB.pem (or --allow-unsigned)")
     destination = tfdir or proxy_cache
-    destination.mkdir(parents=True, exist_ok=True)
+    ensure_dir(destination, "TFHUB_CACHE_DIR" if tfdir is not None else CACHE_DIR)
     try:
         public = signing.load_public(verify_key) if verify_key else None
         verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
@@ -74,7 +75,8 @@ def bundle_import(bundle_file: Path, verify_key, allow_unsigned, tfdir, proxy_ca
             written = tfcache.install_all([(item.archive.path, item.handles) for item in verified.items], tfdir,
                                           force=force)
         else:
-            written = bundle.seed_proxy_cache(verified, proxy_cache)
+            with directory_errors(proxy_cache, CACHE_DIR):
+                written = bundle.seed_proxy_cache(verified, proxy_cache)
     except (tfcache.UnsafeArchive, sources.SourceError) as e:
         fail(str(e))
     finally:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
-import sys
+from typing import Iterator
 
 import click
 
@@ -17,7 +18,8 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import config_option, fail, parsed, settings_or_exit
+from .common import config_option, opened_cache, parsed, settings_or_exit
+from .failures import exit_if_found, fail
 
 
 def _cache_options(command):
@@ -25,11 +27,11 @@ def _cache_options(command):
     return click.option("--cache-dir", help="The hubproxy cache dir.  [default: from config]")(command)
 
 
-def _open_store(cache_dir, config_file) -> tuple[Store, Settings]:
+@contextlib.contextmanager
+def _cache(cache_dir, config_file) -> Iterator[tuple[Store, Settings]]:
     settings = settings_or_exit(config_file, {"cache_dir": cache_dir})
-    if not (settings.cache_path / "index").is_dir():
-        fail(f"{settings.cache_path} is not a hubproxy cache dir")
-    return Store(settings.cache_path), settings
+    with opened_cache(settings.cache_path) as store:
+        yield store, settings
 
 
 def _patterns(typed: tuple[str, ...]) -> list[str]:
@@ -54,9 +56,8 @@ def group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_ls(cache_dir, config_file, as_json) -> None:
     """Each entry: handle, size, sha256, fetched, last access, hits, pinned."""
-    store, _ = _open_store(cache_dir, config_file)
-    entries = sorted(store.entries(), key=lambda e: e.key)
-    store.close()
+    with _cache(cache_dir, config_file) as (store, _):
+        entries = sorted(store.entries(), key=lambda e: e.key)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
         return
@@ -70,15 +71,15 @@ def cache_ls(cache_dir, config_file, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_stats(cache_dir, config_file, as_json) -> None:
     """Entries, bytes, hit ratio, free disk."""
-    store, settings = _open_store(cache_dir, config_file)
-    entries = store.entries()
-    store.close()
+    with _cache(cache_dir, config_file) as (store, settings):
+        entries = store.entries()
+        free = shutil.disk_usage(settings.cache_path).free
     hits = sum(e.hits for e in entries)
     stats = {"entries": len(entries), "blobs": len({e.sha256 for e in entries}), "bytes": plans.usage(entries),
              "hits": hits, "fetches": len(entries),
              "hit_ratio": round(hits / (hits + len(entries)), 4) if entries else 0.0,
              "pinned": sum(e.pinned for e in entries),
-             "free_bytes": shutil.disk_usage(settings.cache_path).free}
+             "free_bytes": free}
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -102,15 +103,12 @@ def cache_unpin(cache_dir, config_file, handles) -> None:
 
 
 def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
-    store, _ = _open_store(cache_dir, config_file)
-    try:
+    with _cache(cache_dir, config_file) as (store, _):
         keys_ = set_pinned(store, _patterns(handles), pinned)
-        if not keys_:
-            fail(f"no cached entry matches {' '.join(handles)}")
-        for key in keys_:
-            click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
-    finally:
-        store.close()
+    if not keys_:
+        fail(f"no cached entry matches {' '.join(handles)}")
+    for key in keys_:
+        click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
 
 
 @group.command("purge")
@@ -119,13 +117,10 @@ def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
 @click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
 def cache_purge(cache_dir, config_file, dry_run, patterns) -> None:
     """Drop entries now, pinned or not (a bad upstream release, a legal request)."""
-    store, _ = _open_store(cache_dir, config_file)
-    try:
+    with _cache(cache_dir, config_file) as (store, _):
         keys_ = _keys_for(store, patterns)
         plan = plans.matching(store.entries(), keys_, include_pinned=True)
         _apply(store, plan, dry_run)
-    finally:
-        store.close()
 
 
 @group.command("evict")
@@ -138,8 +133,7 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
     """Evict by size, by age, or by name; pinned entries always stay."""
     if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
         raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
-    store, _ = _open_store(cache_dir, config_file)
-    try:
+    with _cache(cache_dir, config_file) as (store, _):
         entries = store.entries()
         if max_size:
             plan = plans.to_fit(entries, parsed(parse_size, max_size))
@@ -148,8 +142,6 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
         else:
             plan = plans.matching(entries, _keys_for(store, patterns), include_pinned=False)
         _apply(store, plan, dry_run)
-    finally:
-        store.close()
 
 
 def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
@@ -166,8 +158,7 @@ def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
 @click.option("--repair", is_flag=True, help="Re-fetch what was bad from upstream.")
 def cache_verify(cache_dir, config_file, repair) -> None:
     """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each."""
-    store, settings = _open_store(cache_dir, config_file)
-    try:
+    with _cache(cache_dir, config_file) as (store, settings):
         findings = scrub.scrub(store)
         scrub.quarantine_all(store, findings)
         for finding in findings:
@@ -176,8 +167,5 @@ def cache_verify(cache_dir, config_file, repair) -> None:
             for key, problem in refetch(store, settings, [k for f in findings for k in f.keys]):
                 click.echo(f"{'repaired' if problem is None else 'NOT repaired'} {key}"
                            + (f": {problem}" if problem else ""), err=True)
-    finally:
-        store.close()
     click.echo(f"checked; {len(findings)} bad blobs")
-    if findings:
-        sys.exit(1)
+    exit_if_found(findings)

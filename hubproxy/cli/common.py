@@ -1,20 +1,37 @@
-"""What the commands share: settings from flags/env/TOML, the one-line failure, shared options.
+"""What the commands share: settings from flags/env/TOML, opening a cache dir, shared options.
 
-Invariants: every failure the operator can cause ends in a one-line message, never a traceback;
-flags override HUBPROXY_* variables, which override the TOML file.
+Invariants: every failure the operator can cause ends in a one-line message, never a traceback
+(see failures); flags override HUBPROXY_* variables, which override the TOML file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
+from typing import Iterator
 
 import click
 
+from ..cache.store import Store
 from ..config import ConfigError, Settings, load_settings
+from .failures import directory_errors, fail, path_problem
+
+CACHE_DIR = "cache dir"
 
 
-def fail(message: str) -> None:
-    raise click.ClickException(message)
+@contextlib.contextmanager
+def opened_cache(cache_dir: Path, *, must_exist: bool = True) -> Iterator[Store]:
+    """The hubproxy cache at cache_dir, closed afterwards; any trouble opening or using it is one
+    line naming the directory. must_exist: refuse a directory that holds no cache yet."""
+    with directory_errors(cache_dir, CACHE_DIR):
+        if must_exist and not (cache_dir / "index").is_dir():
+            fail(path_problem(cache_dir, CACHE_DIR) or f"{cache_dir} is not a hubproxy cache dir (no index)")
+        store = Store(cache_dir)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def settings_or_exit(config_file, flags) -> Settings:

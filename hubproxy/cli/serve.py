@@ -8,7 +8,8 @@ import click
 
 from .. import __version__
 from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
-from .common import config_option, configure_logging, settings_or_exit
+from .common import config_option, configure_logging, opened_cache, settings_or_exit
+from .failures import fail, reason
 
 
 @click.command()
@@ -29,6 +30,8 @@ from .common import config_option, configure_logging, settings_or_exit
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted."""
     settings = settings_or_exit(config_file, flags)
+    with opened_cache(settings.cache_path, must_exist=False):
+        pass  # a cache dir that cannot be opened is named here, before anything listens
     configure_logging(settings.log_level)
     quiet_malformed_requests()
 
@@ -38,4 +41,4 @@ def serve(config_file, **flags) -> None:
     try:
         asyncio.run(serve_until_stopped(settings, announce))
     except OSError as e:
-        raise click.ClickException(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
+        fail(reason(e) if e.filename else f"cannot serve on {settings.listen}: {e.strerror or e}")

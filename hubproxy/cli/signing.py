@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..airgap import signing
-from .common import fail
+from .failures import fail
 
 
 @click.group("keys")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -13,6 +12,7 @@ from ..airgap import tfcache
 from ..airgap.savedmodel import saved_model_loader
 from ..units import format_size
 from . import console
+from .failures import exit_if_found
 
 
 @click.group("tfcache")
@@ -48,6 +48,5 @@ def tfcache_verify(tfdir: Path) -> None:
                    + (f": {problem}" if problem else ""))
         if problem:
             bad.append(model.name)
-    if bad:
-        sys.exit(1)
+    exit_if_found(bad)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ..units import format_size
 from . import console
 from .archives import archive_source, spelling_groups
 from .common import upstream_options
+from .failures import ensure_dir, exit_if_found
 
 
 @click.command()
@@ -33,7 +33,7 @@ def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, *
     HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
     a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
     groups = spelling_groups(handles, aliases, handle_file)
-    tfdir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(tfdir, "TFHUB_CACHE_DIR")
     source = archive_source(via, from_cache, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
     results = []
     try:
@@ -44,10 +44,9 @@ def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, *
         source.close()
     console.summary(["handle", "result", "size", "detail"], results)
     failed = [row[0] for row in results if row[1] == "failed"]
-    if failed:
-        for handle in failed:
-            click.echo(f"failed: {handle}", err=True)
-        sys.exit(1)
+    for handle in failed:
+        click.echo(f"failed: {handle}", err=True)
+    exit_if_found(failed)
 
 
 def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> list[str]:
