@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 
 from tests.conftest import hub_load_offline, loaded_output, run_cli, start_proxy
@@ -117,3 +119,25 @@ def test_tfcache_ls_and_verify(proxy, origin, archives, tmp_path):
     assert handle in listing.stdout
     assert verified.returncode == 1
     assert "ok " in verified.stdout and "BAD " + "0" * 40 in verified.stdout
+
+
+def test_a_refused_archive_fails_its_handle_and_warmup_goes_on(proxy, origin, archives, tmp_path):
+    """An archive with a duplicate member is refused; the handles after it are still warmed."""
+    duplicated = tmp_path / "duplicated.tar.gz"
+    with tarfile.open(archives.small) as source, tarfile.open(duplicated, "w:gz") as target:
+        for member in [*source.getmembers(), source.getmember("saved_model.pb")]:
+            target.addfile(member, source.extractfile(member) if member.isfile() else None)
+    bad, good = origin.register(duplicated), origin.register(archives.small)
+    tfdir = tmp_path / "tfhub"
+    listing = _handle_file(tmp_path, [f"https://tfhub.dev/{bad.handle}", f"https://tfhub.dev/{good.handle}"])
+
+    warmed = run_cli("warmup", "--cache-dir", tfdir, "--via", proxy.url, "--file", listing)
+
+    assert "Traceback" not in warmed.stderr, warmed.stderr
+    assert warmed.returncode == 1
+    assert f"failed: https://tfhub.dev/{bad.handle}" in warmed.stderr
+    assert "appears twice" in warmed.stdout
+    assert loaded_output(hub_load_offline(f"https://tfhub.dev/{good.handle}", tfdir)) == archives.expected(
+        archives.small)
+    assert len([p for p in tfdir.iterdir() if p.is_dir()]) == 1
+    assert _no_leftovers(tfdir) == []

@@ -12,7 +12,7 @@ from ..units import format_size
 from . import console
 from .archives import archive_source, spelling_groups
 from .common import upstream_options
-from .failures import ensure_dir, exit_if_found
+from .failures import ensure_dir, exit_if_found, reason
 
 
 @click.command()
@@ -62,6 +62,8 @@ def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> 
                 archive.path.unlink(missing_ok=True)
     except (sources.SourceError, tfcache.UnsafeArchive) as e:
         return [handle, "failed", "", str(e)]
+    except OSError as e:  # the TFHUB_CACHE_DIR refused a write: this handle fails, the next may not
+        return [handle, "failed", "", reason(e)]
     aliases = [spelling for spelling in written if spelling != handle]
     return [handle, "written", format_size(archive.size), f"also as {', '.join(aliases)}" if aliases else ""]
 
