@@ -60,7 +60,7 @@ def test_evict_to_size_goes_least_recently_used_first_and_spares_pins(proxy, ori
     assert set(_ls(cache)) == {a, c}
 
     assert run_cli("cache", "pin", "--cache-dir", cache, f"https://tfhub.dev{a.removeprefix('tfhub:')}").returncode == 0
-    assert run_cli("cache", "evict", "--max-size", "0", "--cache-dir", cache).returncode == 0
+    assert run_cli("cache", "evict", "--max-size", "0B", "--cache-dir", cache).returncode == 0
     assert set(_ls(cache)) == {a}, "a pinned entry is never evicted"
     assert len([p for p in (cache / "blobs").rglob("*") if p.is_file()]) == 1
 

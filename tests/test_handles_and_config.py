@@ -114,12 +114,12 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("text, size", [("250K", 256_000), ("1.5G", int(1.5 * 2**30)), ("2GiB", 2 << 30), ("4096", 4096)])
+@pytest.mark.parametrize("text, size", [("250K", 256_000), ("1.5G", int(1.5 * 2**30)), ("2GiB", 2 << 30), ("4096B", 4096)])
 def test_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45", 45)])
+@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 

@@ -133,12 +133,14 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
     """Evict by size, by age, or by name; pinned entries always stay."""
     if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
         raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
+    limit = parsed(parse_size, max_size, "--max-size") if max_size else None
+    age = parsed(parse_duration, older_than, "--older-than") if older_than else None
     with _cache(cache_dir, config_file) as (store, _):
         entries = store.entries()
-        if max_size:
-            plan = plans.to_fit(entries, parsed(parse_size, max_size))
-        elif older_than:
-            plan = plans.older_than(entries, parsed(parse_duration, older_than))
+        if limit is not None:
+            plan = plans.to_fit(entries, limit)
+        elif age is not None:
+            plan = plans.older_than(entries, age)
         else:
             plan = plans.matching(entries, _keys_for(store, patterns), include_pinned=False)
         _apply(store, plan, dry_run)

@@ -38,19 +38,19 @@ def settings_or_exit(config_file, flags) -> Settings:
     try:
         return load_settings(config_file=config_file, overrides=flags)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+        fail(str(e))
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def parsed(parser, text: str):
-    """A flag's value through a units parser; a malformed one is a usage error."""
+def parsed(parser, text: str, option: str):
+    """A flag's value through a units parser; a malformed one is a one-line failure naming the flag."""
     try:
         return parser(text)
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        fail(f"{option}: {e}")
 
 
 def config_option(help_text: str = "TOML settings file."):
