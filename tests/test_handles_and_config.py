@@ -130,3 +130,15 @@ def test_malformed_sizes_and_durations_are_refused(bad):
         parse_size(bad)
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_mode_fallback_is_gone_with_a_reason(tmp_path):
+    """`fallback` behaved exactly like `online`; a setting still naming it is refused, saying so."""
+    toml = tmp_path / "hubproxy.toml"
+    toml.write_text('mode = "fallback"\n')
+    for kwargs in ({"config_file": toml, "environ": {}}, {"environ": {"HUBPROXY_MODE": "fallback"}}):
+        with pytest.raises(ConfigError, match="fallback.*removed.*online"):
+            load_settings(**kwargs)
+    flag = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--mode", "fallback"],
+                          capture_output=True, text=True, timeout=60)
+    assert flag.returncode == 2 and "'fallback' is not one of 'online', 'offline'" in flag.stderr

@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from .. import __version__
+from ..config import MODES
 from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
 from .common import config_option, configure_logging, opened_cache, settings_or_exit
 from .failures import fail, reason
@@ -25,7 +26,7 @@ from .failures import fail, reason
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--max-size", help="Evict least recently used entries above SIZE (200G).")
 @click.option("--min-free", help="Evict when the cache's disk has less than SIZE free.")
-@click.option("--mode", type=click.Choice(["online", "fallback", "offline"]),
+@click.option("--mode", type=click.Choice(MODES),
               help="offline never contacts upstream (a miss is a 504).  [default: online]")
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted."""
