@@ -42,10 +42,6 @@ def _patterns(typed: tuple[str, ...]) -> list[str]:
         raise click.UsageError(str(e)) from None
 
 
-def _keys_for(store: Store, typed: tuple[str, ...]) -> list[str]:
-    return plans.matching(store.entries(), _patterns(typed), include_pinned=True).keys
-
-
 @click.group("cache")
 def group() -> None:
     """Inspect and steer a hubproxy cache (safe while a proxy serves from it)."""
@@ -114,12 +110,19 @@ def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
 @group.command("purge")
 @_cache_options
 @click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.option("--include-pinned", is_flag=True, help="Purge matching pinned entries too (without it, any "
+              "pinned match refuses the whole purge).")
 @click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
-def cache_purge(cache_dir, config_file, dry_run, patterns) -> None:
-    """Drop entries now, pinned or not (a bad upstream release, a legal request)."""
+def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> None:
+    """Drop entries now (a bad upstream release, a legal request); pinned ones only when asked."""
     with _cache(cache_dir, config_file) as (store, _):
-        keys_ = _keys_for(store, patterns)
-        plan = plans.matching(store.entries(), keys_, include_pinned=True)
+        entries = store.entries()
+        plan = plans.matching(entries, _patterns(patterns), include_pinned=True)
+        chosen = set(plan.keys)
+        pinned = sum(e.pinned for e in entries if e.key in chosen)
+        if pinned and not include_pinned:
+            fail(f"{pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
+                 "(give --include-pinned to purge them too)")
         _apply(store, plan, dry_run)
 
 
@@ -142,7 +145,7 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
         elif age is not None:
             plan = plans.older_than(entries, age)
         else:
-            plan = plans.matching(entries, _keys_for(store, patterns), include_pinned=False)
+            plan = plans.matching(entries, _patterns(patterns), include_pinned=False)
         _apply(store, plan, dry_run)
 
 
