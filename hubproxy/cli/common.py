@@ -53,6 +53,18 @@ def parsed(parser, text: str, option: str):
         fail(f"{option}: {e}")
 
 
+def tfhub_dir_option(help_text: str, *, required: bool = True, exists: bool = False):
+    """--tfhub-dir: a TFHUB_CACHE_DIR, the directory tensorflow_hub loads from; $TFHUB_CACHE_DIR by default."""
+    return click.option("--tfhub-dir", "tfdir", envvar="TFHUB_CACHE_DIR", show_envvar=True, required=required,
+                        type=click.Path(file_okay=False, exists=exists, path_type=Path), help=help_text)
+
+
+def source_cache_option(help_text: str):
+    """--cache-dir where a command reads archives from a hubproxy cache dir (never its default one)."""
+    return click.option("--cache-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+                        help=help_text)
+
+
 def config_option(help_text: str = "TOML settings file."):
     return click.option("--config", "config_file", type=click.Path(dir_okay=False), help=help_text)
 
@@ -62,7 +74,7 @@ def upstream_options(command):
     for option in reversed([
         config_option(),
         click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL",
-                     help="Upstream base URL (no --via/--from-cache: fetch from upstream)."),
+                     help="Upstream base URL (no --via/--cache-dir: fetch from upstream)."),
         click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True, metavar="HOST[:PORT]"),
     ]):
         command = option(command)

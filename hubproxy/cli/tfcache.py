@@ -12,6 +12,7 @@ from ..airgap import tfcache
 from ..airgap.savedmodel import saved_model_loader
 from ..units import format_size
 from . import console
+from .common import tfhub_dir_option
 from .failures import exit_if_found
 
 
@@ -21,7 +22,7 @@ def group() -> None:
 
 
 @group.command("ls")
-@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@tfhub_dir_option("The TFHUB_CACHE_DIR to list.", exists=True)
 @click.option("--json", "as_json", is_flag=True)
 def tfcache_ls(tfdir: Path, as_json: bool) -> None:
     """List entries with the handle each came from."""
@@ -35,7 +36,7 @@ def tfcache_ls(tfdir: Path, as_json: bool) -> None:
 
 
 @group.command("verify")
-@click.argument("tfdir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@tfhub_dir_option("The TFHUB_CACHE_DIR to check.", exists=True)
 def tfcache_verify(tfdir: Path) -> None:
     """Check each entry has a loadable layout; with tensorflow installed, load it."""
     loader = saved_model_loader()

@@ -11,30 +11,28 @@ from ..airgap import sources, tfcache
 from ..units import format_size
 from . import console
 from .archives import archive_source, spelling_groups
-from .common import upstream_options
+from .common import source_cache_option, tfhub_dir_option, upstream_options
 from .failures import ensure_dir, exit_if_found, reason
 
 
 @click.command()
-@click.option("--cache-dir", "tfdir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The TFHUB_CACHE_DIR to fill.")
+@tfhub_dir_option("The TFHUB_CACHE_DIR to fill.")
 @click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
-@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Read a hubproxy cache dir; no network.")
+@source_cache_option("Read the archives from this hubproxy cache dir; no network.")
 @click.option("--file", "handle_file", type=click.File(),
               help="Handles, one model per line (spellings space-separated).")
 @click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
 @click.option("--force", is_flag=True, help="Refresh entries that are already present.")
 @upstream_options
 @click.argument("handles", nargs=-1)
-def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, **settings_flags) -> None:
+def warmup(tfdir: Path, via, cache_dir, handle_file, aliases, force, handles, **settings_flags) -> None:
     """Write TFHUB_CACHE_DIR entries that tensorflow_hub then loads offline.
 
     HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
     a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
     groups = spelling_groups(handles, aliases, handle_file)
     ensure_dir(tfdir, "TFHUB_CACHE_DIR")
-    source = archive_source(via, from_cache, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
+    source = archive_source(via, cache_dir, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
     results = []
     try:
         with console.Transfers() as transfers:
