@@ -59,10 +59,20 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
+    if _is_private_pem(path):
+        raise SigningKeyError(f"{path} is a private key; verifying takes the public key, "
+                              f"{public_path(Path(path)).name} beside it")
     key = _load(path, serialization.load_pem_public_key)
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"{path} is not an Ed25519 public key")
     return key
+
+
+def _is_private_pem(path: Path) -> bool:
+    try:
+        return b"PRIVATE KEY-----" in Path(path).read_bytes()
+    except OSError:
+        return False  # _load names the unreadable file
 
 
 def _load(path: Path, loader, **kwargs):

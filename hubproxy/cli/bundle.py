@@ -17,26 +17,39 @@ from .failures import directory_errors, ensure_dir, fail
 
 @click.group("bundle")
 def group() -> None:
-    """Carry models across an air gap: export a signed bundle, import it on the other side."""
+    """Carry models across an air gap: export a signed bundle, import it on the other side.
+
+    \b
+    Example:
+      hubproxy bundle export --out models.tar --sign-key signing.pem --via http://mirror:8080 HANDLE
+      hubproxy bundle import models.tar --verify-key signing.pub.pem --tfhub-dir /shared/tfhub-cache
+    """
 
 
 @group.command("export")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--via", metavar="MIRROR_URL")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle to write (one tar).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Private key to sign with (from `hubproxy keys generate`); without it the bundle is unsigned.")
+@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy (http://mirror:8080).")
 @source_cache_option("Read the archives from this hubproxy cache dir; no network.")
-@click.option("--file", "handle_file", type=click.File())
-@click.option("--alias", "aliases", multiple=True, metavar="SPELLING")
+@click.option("--file", "handle_file", type=click.File(), metavar="LIST",
+              help="Handles, one model per line (spellings space-separated, # comments).")
+@click.option("--alias", "aliases", multiple=True, metavar="SPELLING",
+              help="Another spelling of the one HANDLE, published too on import.")
 @click.argument("handles", nargs=-1)
 def bundle_export(out: Path, sign_key, via, cache_dir, handle_file, aliases, handles) -> None:
-    """Pack the archives of HANDLEs (with their aliases) into one signed tar."""
+    """Pack the archives of HANDLEs (with their aliases) into one signed tar.
+
+    \b
+    Example:
+      hubproxy bundle export --out models.tar --sign-key signing.pem \\
+          --cache-dir /var/cache/hubproxy https://tfhub.dev/google/x/1
+    """
     if not via and not cache_dir:
         raise click.UsageError("give --via MIRROR_URL or --cache-dir DIR")
     groups = spelling_groups(handles, aliases, handle_file)
-    try:
-        key = signing.load_private(sign_key) if sign_key else None
-    except signing.SigningKeyError as e:
-        fail(str(e))
+    key = _key(signing.load_private, sign_key)
     source = archive_source(via, cache_dir, out.parent / f".hubproxy-export-{uuid.uuid4().hex}", {})
     try:
         with console.Transfers() as transfers:
@@ -52,26 +65,33 @@ def bundle_export(out: Path, sign_key, via, cache_dir, handle_file, aliases, han
 
 @group.command("import")
 @click.argument("bundle_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--verify-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--verify-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="PUB.pem",
+              help="The signer's public key (KEY.pub.pem, not the private KEY.pem).")
 @click.option("--allow-unsigned", is_flag=True, help="Accept a bundle without a signature.")
 @tfhub_dir_option("Publish into this TFHUB_CACHE_DIR.", required=False)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Seed this hubproxy cache dir instead (an offline hubproxy then serves the models).")
 @click.option("--force", is_flag=True, help="Replace TFHUB_CACHE_DIR entries already present.")
 @click.pass_context
 def bundle_import(ctx: click.Context, bundle_file: Path, verify_key, allow_unsigned, tfdir, cache_dir,
                   force) -> None:
-    """Verify a bundle completely, then publish its models; on any problem nothing is written."""
+    """Verify a bundle completely, then publish its models; on any problem nothing is written.
+
+    \b
+    Example:
+      hubproxy bundle import models.tar --verify-key signing.pub.pem --tfhub-dir /shared/tfhub-cache
+      hubproxy bundle import models.tar --verify-key signing.pub.pem --cache-dir /var/cache/hubproxy
+    """
     tfdir = _only_destination(ctx, tfdir, cache_dir)
     if verify_key is None and not allow_unsigned:
         raise click.UsageError("give --verify-key PUB.pem (or --allow-unsigned)")
+    public = _key(signing.load_public, verify_key)
     destination = tfdir or cache_dir
     ensure_dir(destination, "TFHUB_CACHE_DIR" if tfdir is not None else CACHE_DIR)
     try:
-        public = signing.load_public(verify_key) if verify_key else None
         verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
                                  allow_unsigned)
-    except (signing.SigningKeyError, bundle.BundleError) as e:
+    except bundle.BundleError as e:
         fail(str(e))
     try:
         if tfdir is not None:
@@ -86,6 +106,15 @@ def bundle_import(ctx: click.Context, bundle_file: Path, verify_key, allow_unsig
         verified.discard()
     click.echo(f"imported {len(verified.items)} archives; wrote {len(written)} entries into {destination}")
 
+
+def _key(load, path: Path | None):
+    """A signing key through `load`, or None without a path; an unusable key is a one-line failure."""
+    if path is None:
+        return None
+    try:
+        return load(path)
+    except signing.SigningKeyError as e:
+        fail(str(e))
 
 
 def _only_destination(ctx: click.Context, tfdir: Path | None, cache_dir: Path | None) -> Path | None:

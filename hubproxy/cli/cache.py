@@ -18,13 +18,14 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import config_option, opened_cache, parsed, settings_or_exit
+from .common import config_option, json_option, opened_cache, parsed, setting_option, settings_or_exit
 from .failures import exit_if_found, fail
 
 
 def _cache_options(command):
     command = config_option("TOML settings file (for cache_dir and upstreams).")(command)
-    return click.option("--cache-dir", help="The hubproxy cache dir.  [default: from config]")(command)
+    return setting_option("--cache-dir", "cache_dir", "The hubproxy cache dir (as serve's).", "~/.cache/hubproxy",
+                          metavar="DIR")(command)
 
 
 @contextlib.contextmanager
@@ -44,29 +45,50 @@ def _patterns(typed: tuple[str, ...]) -> list[str]:
 
 @click.group("cache")
 def group() -> None:
-    """Inspect and steer a hubproxy cache (safe while a proxy serves from it)."""
+    """Inspect and steer a hubproxy cache (safe while a proxy serves from it).
+
+    HANDLE is a handle as typed (https://tfhub.dev/...), an index key (tfhub:/google/x/1), a mirror
+    path (/google/x/1) or a glob of keys or paths.
+
+    \b
+    Example:
+      hubproxy cache ls --cache-dir /var/cache/hubproxy
+      HUBPROXY_CACHE_DIR=/var/cache/hubproxy hubproxy cache evict --older-than 30d --dry-run
+    """
 
 
 @group.command("ls")
 @_cache_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def cache_ls(cache_dir, config_file, as_json) -> None:
-    """Each entry: handle, size, sha256, fetched, last access, hits, pinned."""
-    with _cache(cache_dir, config_file) as (store, _):
+    """Each entry: handle, size, sha256, fetched, last access, hits, pinned.
+
+    \b
+    Example:
+      hubproxy cache ls --cache-dir /var/cache/hubproxy --json
+    """
+    with _cache(cache_dir, config_file) as (store, settings):
         entries = sorted(store.entries(), key=lambda e: e.key)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
-        return
-    console.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
-               [[e.key, format_size(e.size), e.sha256[:16], console.when(e.fetched), console.when(e.last_access), str(e.hits),
-                 "yes" if e.pinned else ""] for e in entries])
+    elif not entries:
+        click.echo(f"no entries in cache dir {settings.cache_path}")
+    else:
+        console.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
+                        [[e.key, format_size(e.size), e.sha256[:16], console.when(e.fetched),
+                          console.when(e.last_access), str(e.hits), "yes" if e.pinned else ""] for e in entries])
 
 
 @group.command("stats")
 @_cache_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def cache_stats(cache_dir, config_file, as_json) -> None:
-    """Entries, bytes, hit ratio, free disk."""
+    """Entries, bytes, hit ratio, free disk.
+
+    \b
+    Example:
+      hubproxy cache stats --cache-dir /var/cache/hubproxy
+    """
     with _cache(cache_dir, config_file) as (store, settings):
         entries = store.entries()
         free = shutil.disk_usage(settings.cache_path).free
@@ -79,14 +101,20 @@ def cache_stats(cache_dir, config_file, as_json) -> None:
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
-    console.summary(["stat", "value"], [[k, format_size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
+    console.summary(["stat", "value"],
+                    [[k, format_size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
 
 
 @group.command("pin")
 @_cache_options
 @click.argument("handles", nargs=-1, required=True)
 def cache_pin(cache_dir, config_file, handles) -> None:
-    """Never evict these entries (warmed, audited models)."""
+    """Never evict these entries (warmed, audited models).
+
+    \b
+    Example:
+      hubproxy cache pin https://tfhub.dev/google/x/1 'tfhub:/google/audited-*'
+    """
     _set_pinned(cache_dir, config_file, handles, True)
 
 
@@ -94,7 +122,12 @@ def cache_pin(cache_dir, config_file, handles) -> None:
 @_cache_options
 @click.argument("handles", nargs=-1, required=True)
 def cache_unpin(cache_dir, config_file, handles) -> None:
-    """Let these entries be evicted again."""
+    """Let these entries be evicted again.
+
+    \b
+    Example:
+      hubproxy cache unpin https://tfhub.dev/google/x/1
+    """
     _set_pinned(cache_dir, config_file, handles, False)
 
 
@@ -114,7 +147,12 @@ def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
               "pinned match refuses the whole purge).")
 @click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
 def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> None:
-    """Drop entries now (a bad upstream release, a legal request); pinned ones only when asked."""
+    """Drop entries now (a bad upstream release, a legal request); pinned ones only when asked.
+
+    \b
+    Example:
+      hubproxy cache purge 'tfhub:/google/bad-*' --dry-run
+    """
     with _cache(cache_dir, config_file) as (store, _):
         entries = store.entries()
         plan = plans.matching(entries, _patterns(patterns), include_pinned=True)
@@ -128,12 +166,19 @@ def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> No
 
 @group.command("evict")
 @_cache_options
-@click.option("--max-size", help="Evict least recently used until the cache is at most SIZE (200G).")
-@click.option("--older-than", help="Evict entries unused for DURATION (30d, 12h).")
+@click.option("--max-size", metavar="SIZE", help="Evict least recently used until the cache is at most SIZE "
+              "(with its unit: 200G, 0B).")
+@click.option("--older-than", metavar="DURATION", help="Evict entries unused for DURATION (with its unit: 30d, 12h).")
 @click.option("--dry-run", is_flag=True, help="Show what would go.")
 @click.argument("patterns", nargs=-1, metavar="[HANDLE_OR_GLOB...]")
 def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns) -> None:
-    """Evict by size, by age, or by name; pinned entries always stay."""
+    """Evict by size, by age, or by name; pinned entries always stay.
+
+    \b
+    Example:
+      hubproxy cache evict --max-size 200G
+      hubproxy cache evict --older-than 30d --dry-run
+    """
     if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
         raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
     limit = parsed(parse_size, max_size, "--max-size") if max_size else None
@@ -162,7 +207,12 @@ def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
 @_cache_options
 @click.option("--repair", is_flag=True, help="Re-fetch what was bad from upstream.")
 def cache_verify(cache_dir, config_file, repair) -> None:
-    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each."""
+    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each.
+
+    \b
+    Example:
+      hubproxy cache verify --repair --config /etc/hubproxy.toml
+    """
     with _cache(cache_dir, config_file) as (store, settings):
         findings = scrub.scrub(store)
         scrub.quarantine_all(store, findings)

@@ -14,7 +14,7 @@ from typing import Iterator
 import click
 
 from ..cache.store import Store
-from ..config import ConfigError, Settings, load_settings
+from ..config import ENV_PREFIX, ConfigError, Settings, load_settings
 from .failures import directory_errors, fail, path_problem
 
 CACHE_DIR = "cache dir"
@@ -56,26 +56,39 @@ def parsed(parser, text: str, option: str):
 def tfhub_dir_option(help_text: str, *, required: bool = True, exists: bool = False):
     """--tfhub-dir: a TFHUB_CACHE_DIR, the directory tensorflow_hub loads from; $TFHUB_CACHE_DIR by default."""
     return click.option("--tfhub-dir", "tfdir", envvar="TFHUB_CACHE_DIR", show_envvar=True, required=required,
-                        type=click.Path(file_okay=False, exists=exists, path_type=Path), help=help_text)
+                        type=click.Path(file_okay=False, exists=exists, path_type=Path), metavar="DIR", help=help_text)
 
 
 def source_cache_option(help_text: str):
     """--cache-dir where a command reads archives from a hubproxy cache dir (never its default one)."""
     return click.option("--cache-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
-                        help=help_text)
+                        metavar="DIR", help=help_text)
 
 
-def config_option(help_text: str = "TOML settings file."):
+def setting_option(flag: str, setting: str, help_text: str, default: str | None = None, **kwargs):
+    """An option that overrides a setting; its help names the HUBPROXY_* variable. load_settings reads
+    the variable, not click, so the order flags > environment > TOML lives in one place."""
+    notes = [f"env var: {ENV_PREFIX}{setting.upper()}"] + ([f"default: {default}"] if default else [])
+    return click.option(flag, setting, help=f"{help_text}  [{'; '.join(notes)}]", **kwargs)
+
+
+def config_option(help_text: str = "TOML settings file (settings it names yield to HUBPROXY_* and flags)."):
     return click.option("--config", "config_file", type=click.Path(dir_okay=False), help=help_text)
+
+
+def json_option(command):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(command)
 
 
 def upstream_options(command):
     """--config, --upstream and --allow-redirect-host, for commands that may fetch from upstream."""
     for option in reversed([
         config_option(),
-        click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL",
-                     help="Upstream base URL (no --via/--cache-dir: fetch from upstream)."),
-        click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True, metavar="HOST[:PORT]"),
+        setting_option("--upstream", "upstreams", "Upstream base URL, NAME one of tfhub, kaggle, gcs. Repeatable.",
+                       multiple=True, metavar="NAME=URL"),
+        setting_option("--allow-redirect-host", "allow_redirect_hosts",
+                       "A host upstream redirects may lead to. Repeatable; replaces the default list.",
+                       multiple=True, metavar="HOST[:PORT]"),
     ]):
         command = option(command)
     return command

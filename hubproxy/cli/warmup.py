@@ -17,10 +17,10 @@ from .failures import ensure_dir, exit_if_found, reason
 
 @click.command()
 @tfhub_dir_option("The TFHUB_CACHE_DIR to fill.")
-@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
+@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy (http://mirror:8080).")
 @source_cache_option("Read the archives from this hubproxy cache dir; no network.")
-@click.option("--file", "handle_file", type=click.File(),
-              help="Handles, one model per line (spellings space-separated).")
+@click.option("--file", "handle_file", type=click.File(), metavar="LIST",
+              help="Handles, one model per line (spellings space-separated, # comments).")
 @click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
 @click.option("--force", is_flag=True, help="Refresh entries that are already present.")
 @upstream_options
@@ -29,7 +29,15 @@ def warmup(tfdir: Path, via, cache_dir, handle_file, aliases, force, handles, **
     """Write TFHUB_CACHE_DIR entries that tensorflow_hub then loads offline.
 
     HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
-    a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
+    a mirror URL). Archives come --via a mirror, from a hubproxy --cache-dir, or else straight from
+    upstream with the proxy's verified fetch. Exit status 1 if any handle failed; each is named.
+
+    \b
+    Example:
+      hubproxy warmup --tfhub-dir /shared/tfhub-cache --via http://mirror:8080 \\
+          https://tfhub.dev/google/x/1 --alias https://www.kaggle.com/models/google/x/...
+      TFHUB_CACHE_DIR=/shared/tfhub-cache hubproxy warmup --cache-dir /var/cache/hubproxy --file models.txt
+    """
     groups = spelling_groups(handles, aliases, handle_file)
     ensure_dir(tfdir, "TFHUB_CACHE_DIR")
     source = archive_source(via, cache_dir, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
