@@ -1,4 +1,10 @@
-"""`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it."""
+"""`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it.
+
+Invariants: the cache is opened through common.opened_cache, so a missing, read-only or broken
+cache dir is one line naming it; sizes and durations are parsed (units required) before the cache
+is touched; eviction never takes a pinned entry, and a purge that matches one removes nothing
+unless --include-pinned is given.
+"""
 
 from __future__ import annotations
 
