@@ -20,7 +20,7 @@ ENV_PREFIX = "HUBPROXY_"
 
 # The hosts today's chain redirects through: tfhub.dev → Kaggle → signed Google Cloud Storage URL.
 DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.com")
-MODES = ("online", "fallback", "offline")
+MODES = ("online", "offline")
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class Settings:
     log_level: str = "INFO"
     max_size: str | None = None  # evict least recently used above this (e.g. "200G")
     min_free: str | None = None  # evict when the disk has less free than this
-    mode: str = "online"  # online | fallback (the same for immutable versions) | offline (never upstream)
+    mode: str = "online"  # online | offline (never upstream)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
 
     @property
@@ -159,6 +159,8 @@ def _validate(settings: Settings) -> None:
             value is None or parse_size(value)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
+    if settings.mode == "fallback":
+        raise ConfigError("mode 'fallback' was removed: it behaved exactly as 'online'; use online (or offline)")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:

@@ -25,7 +25,7 @@ def exported(proxy, origin, archives, tmp_path):
     small_handles = [f"https://tfhub.dev/{small.handle}", f"https://www.kaggle.com{small.kaggle_path}"]
     listing.write_text(" ".join(small_handles) + f"\nhttps://tfhub.dev/{padded.handle}\n")
     out = tmp_path / "models.bundle.tar"
-    result = run_cli("bundle", "export", "--out", out, "--sign-key", key, "--from-cache", proxy.cache_dir,
+    result = run_cli("bundle", "export", "--out", out, "--sign-key", key, "--cache-dir", proxy.cache_dir,
                      "--file", listing)
     assert result.returncode == 0, result.stderr
     return out, key.with_name("signing.pub.pem"), small_handles, f"https://tfhub.dev/{padded.handle}"
@@ -44,7 +44,7 @@ def test_round_trip_into_tfhub_cache_dir_loads_offline(exported, archives, tmp_p
     bundle, public, small_handles, padded_handle = exported
     tfdir = tmp_path / "air-gapped-tfhub"
 
-    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--cache-dir", tfdir)
+    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--tfhub-dir", tfdir)
 
     assert result.returncode == 0, result.stderr
     for handle in small_handles:
@@ -56,7 +56,7 @@ def test_round_trip_into_a_fresh_proxy_cache_serves_with_upstream_down(exported,
     bundle, public, small_handles, _ = exported
     cache = tmp_path / "air-gapped-proxy-cache"
 
-    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--proxy-cache", cache)
+    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--cache-dir", cache)
     assert result.returncode == 0, result.stderr
 
     offline_proxy = start_proxy(origin, cache, upstreams=_dead_upstreams())
@@ -89,7 +89,7 @@ def test_tampered_bundles_are_refused_and_nothing_is_written(exported, tmp_path,
     _flip_byte(bundle, {"archive": "blobs/", "manifest": "manifest.json", "signature": "manifest.sig"}[tamper])
     tfdir = tmp_path / "air-gapped-tfhub"
 
-    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--cache-dir", tfdir)
+    result = run_cli("bundle", "import", bundle, "--verify-key", public, "--tfhub-dir", tfdir)
 
     assert result.returncode != 0
     assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -100,7 +100,7 @@ def test_a_bundle_signed_by_another_key_is_refused(exported, tmp_path):
     bundle, _, _, _ = exported
     assert run_cli("keys", "generate", "--out", tmp_path / "other.pem").returncode == 0
     tfdir = tmp_path / "air-gapped-tfhub"
-    result = run_cli("bundle", "import", bundle, "--verify-key", tmp_path / "other.pub.pem", "--cache-dir", tfdir)
+    result = run_cli("bundle", "import", bundle, "--verify-key", tmp_path / "other.pub.pem", "--tfhub-dir", tfdir)
     assert result.returncode != 0 and "signature does not verify" in result.stderr
     assert list(tfdir.iterdir()) == []
 
@@ -110,16 +110,16 @@ def test_unsigned_bundles_need_explicit_consent(proxy, origin, archives, tmp_pat
     assert proxy.get(f"/{model.handle}")[0] == 200
     bundle = tmp_path / "unsigned.tar"
     handle = f"https://tfhub.dev/{model.handle}"
-    assert run_cli("bundle", "export", "--out", bundle, "--from-cache", proxy.cache_dir, handle).returncode == 0
+    assert run_cli("bundle", "export", "--out", bundle, "--cache-dir", proxy.cache_dir, handle).returncode == 0
     _, public = tmp_path / "k.pem", tmp_path / "k.pub.pem"
     assert run_cli("keys", "generate", "--out", tmp_path / "k.pem").returncode == 0
     tfdir = tmp_path / "tfhub"
 
-    refused = run_cli("bundle", "import", bundle, "--verify-key", public, "--cache-dir", tfdir)
+    refused = run_cli("bundle", "import", bundle, "--verify-key", public, "--tfhub-dir", tfdir)
     assert refused.returncode != 0 and "unsigned" in refused.stderr
     assert list(tfdir.iterdir()) == []
 
-    accepted = run_cli("bundle", "import", bundle, "--allow-unsigned", "--cache-dir", tfdir)
+    accepted = run_cli("bundle", "import", bundle, "--allow-unsigned", "--tfhub-dir", tfdir)
     assert accepted.returncode == 0, accepted.stderr
     assert loaded_output(hub_load_offline(handle, tfdir)) == archives.expected(archives.small)
 
@@ -134,7 +134,7 @@ def test_a_bundle_missing_a_listed_archive_is_refused(exported, tmp_path):
                 target.addfile(member, source.extractfile(member))
     tfdir = tmp_path / "air-gapped-tfhub"
 
-    result = run_cli("bundle", "import", partial, "--verify-key", public, "--cache-dir", tfdir)
+    result = run_cli("bundle", "import", partial, "--verify-key", public, "--tfhub-dir", tfdir)
 
     assert result.returncode != 0 and "missing from the bundle" in result.stderr
     assert list(tfdir.iterdir()) == []

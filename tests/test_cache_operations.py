@@ -60,7 +60,7 @@ def test_evict_to_size_goes_least_recently_used_first_and_spares_pins(proxy, ori
     assert set(_ls(cache)) == {a, c}
 
     assert run_cli("cache", "pin", "--cache-dir", cache, f"https://tfhub.dev{a.removeprefix('tfhub:')}").returncode == 0
-    assert run_cli("cache", "evict", "--max-size", "0", "--cache-dir", cache).returncode == 0
+    assert run_cli("cache", "evict", "--max-size", "0B", "--cache-dir", cache).returncode == 0
     assert set(_ls(cache)) == {a}, "a pinned entry is never evicted"
     assert len([p for p in (cache / "blobs").rglob("*") if p.is_file()]) == 1
 
@@ -73,10 +73,25 @@ def test_evict_by_age_and_purge_by_glob(proxy, origin, blobs):
     assert set(_ls(cache)) == {a, b, c}
 
     run_cli("cache", "pin", "--cache-dir", cache, a)
-    purged = run_cli("cache", "purge", "--cache-dir", cache, "tfhub:/google/*")
+    purged = run_cli("cache", "purge", "--cache-dir", cache, "tfhub:/google/*", "--include-pinned")
     assert purged.returncode == 0
-    assert _ls(cache) == {}, "purge removes pinned entries too"
+    assert _ls(cache) == {}, "--include-pinned purges pinned entries too"
     assert not any(p.is_file() for p in (cache / "blobs").rglob("*"))
+
+
+def test_purge_refuses_pinned_entries_without_include_pinned(proxy, origin, blobs):
+    a, b, c = _fill(proxy, origin, blobs)
+    cache = proxy.cache_dir
+    assert run_cli("cache", "pin", "--cache-dir", cache, a, b).returncode == 0
+
+    refused = run_cli("cache", "purge", "--cache-dir", cache, "tfhub:/google/*")
+
+    assert refused.returncode == 2
+    assert "2 of the 3 matching entries are pinned" in refused.stderr and "--include-pinned" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert set(_ls(cache)) == {a, b, c}, "nothing is removed, pinned or not"
+    assert run_cli("cache", "purge", "--cache-dir", cache, c).returncode == 0, "an unpinned match purges as before"
+    assert set(_ls(cache)) == {a, b}
 
 
 def test_purge_while_serving_makes_the_next_request_fetch_afresh(proxy, origin, blobs):

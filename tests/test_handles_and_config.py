@@ -114,12 +114,12 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("text, size", [("250K", 256_000), ("1.5G", int(1.5 * 2**30)), ("2GiB", 2 << 30), ("4096", 4096)])
+@pytest.mark.parametrize("text, size", [("250K", 256_000), ("1.5G", int(1.5 * 2**30)), ("2GiB", 2 << 30), ("4096B", 4096)])
 def test_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45", 45)])
+@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -130,3 +130,15 @@ def test_malformed_sizes_and_durations_are_refused(bad):
         parse_size(bad)
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_mode_fallback_is_gone_with_a_reason(tmp_path):
+    """`fallback` behaved exactly like `online`; a setting still naming it is refused, saying so."""
+    toml = tmp_path / "hubproxy.toml"
+    toml.write_text('mode = "fallback"\n')
+    for kwargs in ({"config_file": toml, "environ": {}}, {"environ": {"HUBPROXY_MODE": "fallback"}}):
+        with pytest.raises(ConfigError, match="fallback.*removed.*online"):
+            load_settings(**kwargs)
+    flag = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--mode", "fallback"],
+                          capture_output=True, text=True, timeout=60)
+    assert flag.returncode == 2 and "'fallback' is not one of 'online', 'offline'" in flag.stderr

@@ -34,6 +34,10 @@ def _special(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo,
     return info, None
 
 
+def _dir(name: str) -> tuple[tarfile.TarInfo, None]:
+    return _special(name, tarfile.DIRTYPE)
+
+
 SAVED_MODEL = _file("saved_model.pb", b"\x08\x01")
 
 CASES = {
@@ -44,6 +48,10 @@ CASES = {
     "device": [SAVED_MODEL, _special("disk", tarfile.BLKTYPE)],
     "fifo": [SAVED_MODEL, _special("pipe", tarfile.FIFOTYPE)],
     "no saved_model.pb": [_file("variables/variables.index")],
+    "duplicate member": [SAVED_MODEL, SAVED_MODEL],
+    "file then directory of the same name": [SAVED_MODEL, _file("variables"), _dir("variables")],
+    "directory then file of the same name": [SAVED_MODEL, _dir("variables"), _file("variables")],
+    "file inside a file": [SAVED_MODEL, _file("assets"), _file("assets/vocab.txt")],
 }
 
 

@@ -35,12 +35,16 @@ def generate(private_path: Path) -> Path:
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     pub = public_path(private_path)
+    if not private_path.parent.is_dir():
+        raise SigningKeyError(f"cannot write {private_path}: directory {private_path.parent} does not exist")
     if pub.exists():
         raise SigningKeyError(f"{pub} already exists; not overwriting a key")
     try:
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise SigningKeyError(f"{private_path} already exists; not overwriting a key") from None
+    except OSError as e:
+        raise SigningKeyError(f"cannot write {private_path}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem)
     pub.write_bytes(public_pem)
@@ -55,10 +59,20 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
+    if _is_private_pem(path):
+        raise SigningKeyError(f"{path} is a private key; verifying takes the public key, "
+                              f"{public_path(Path(path)).name} beside it")
     key = _load(path, serialization.load_pem_public_key)
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"{path} is not an Ed25519 public key")
     return key
+
+
+def _is_private_pem(path: Path) -> bool:
+    try:
+        return b"PRIVATE KEY-----" in Path(path).read_bytes()
+    except OSError:
+        return False  # _load names the unreadable file
 
 
 def _load(path: Path, loader, **kwargs):

@@ -2,8 +2,9 @@
 
 Invariants: an archive is extracted in one streaming pass into TFDIR/<sha1>.<random>.tmp and only
 renamed to TFDIR/<sha1> once every member passed the safety rules (regular files and directories
-only, relative paths that stay inside, bounded size and ratio, saved_model.pb present); a refused
-archive leaves nothing behind; nothing is written outside TFDIR.
+only, relative paths that stay inside, no file written twice or clashing with a directory, bounded
+size and ratio, saved_model.pb present); a refused archive leaves nothing behind; nothing is
+written outside TFDIR.
 """
 
 from __future__ import annotations
@@ -92,11 +93,16 @@ def _extract(reader: _CountingReader, staging: Path, limits: Limits) -> tuple[in
                 if count > limits.max_members:
                     raise UnsafeArchive(f"more than {limits.max_members} members")
                 target = staging.joinpath(*_safe_parts(member))
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                extracted += _copy_member(tar, member, target, reader, extracted, limits)
+                try:
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    extracted += _copy_member(tar, member, target, reader, extracted, limits)
+                except (FileExistsError, IsADirectoryError, NotADirectoryError):
+                    # The staging dir is ours and fresh: only an earlier member can be in the way.
+                    raise UnsafeArchive(f"{member.name!r} clashes with an earlier member (it appears twice, "
+                                        "or as both a file and a directory)") from None
                 files += 1
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UnsafeArchive(f"not a readable tar.gz archive: {e}") from None

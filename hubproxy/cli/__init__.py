@@ -1,4 +1,8 @@
-"""The command line: serve | warmup | tfcache | keys | bundle | cache, one module per group."""
+"""The command line: serve | warmup | tfcache | keys | bundle | cache, one module per group.
+
+Invariants: exit status 0 done, 1 a finding (each named), 2 the operator's error; never a
+traceback (failures.GuardedGroup is the last resort).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,23 @@ import click
 
 from .. import __version__
 from . import bundle, cache, serve, signing, tfcache, warmup
+from .failures import GuardedGroup
 
 
-@click.group()
+@click.group(cls=GuardedGroup)
 @click.version_option(__version__, prog_name="hubproxy")
 def main() -> None:
-    """hubproxy: a caching mirror for TensorFlow Hub model archives."""
+    """hubproxy: a caching mirror for TensorFlow Hub model archives.
+
+    Settings come from flags, then HUBPROXY_* environment variables, then a TOML file (--config);
+    --cache-dir is always a hubproxy cache, --tfhub-dir (default $TFHUB_CACHE_DIR) always the
+    directory tensorflow_hub loads from. Exit status: 0 done, 1 a finding (each named), 2 an error.
+
+    \b
+    Example:
+      hubproxy serve --listen 0.0.0.0:8080
+      hubproxy warmup --tfhub-dir /shared/tfhub-cache --via http://mirror:8080 https://tfhub.dev/google/x/1
+    """
 
 
 for command in (serve.serve, warmup.warmup, tfcache.group, signing.group, bundle.group, cache.group):

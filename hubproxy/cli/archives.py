@@ -1,5 +1,5 @@
 """Which models an offline command works on (HANDLEs, --alias, --file) and where their archives
-come from (--via a mirror, --from-cache a hubproxy cache dir, or upstream).
+come from (--via a mirror, --cache-dir a hubproxy cache dir, or upstream).
 
 Invariants: every spelling is parsed before anything is fetched, so a typo costs no download.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from ..airgap import sources
-from .common import settings_or_exit
+from .common import CACHE_DIR, settings_or_exit
+from .failures import directory_errors, fail
 
 
 def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_file) -> list[list[str]]:
@@ -35,15 +36,16 @@ def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_f
     return groups
 
 
-def archive_source(via: str | None, from_cache: Path | None, scratch: Path, settings_flags: dict):
-    if via and from_cache:
-        raise click.UsageError("give --via or --from-cache, not both")
+def archive_source(via: str | None, cache_dir: Path | None, scratch: Path, settings_flags: dict):
+    if via and cache_dir:
+        raise click.UsageError("give --via or --cache-dir, not both")
     try:
         if via:
             return sources.MirrorSource(via, scratch)
-        if from_cache:
-            return sources.CacheSource(from_cache)
+        if cache_dir:
+            with directory_errors(cache_dir, CACHE_DIR):
+                return sources.CacheSource(cache_dir)
         return sources.UpstreamSource(settings_or_exit(settings_flags.pop("config_file"), settings_flags), scratch)
     except sources.SourceError as e:
-        raise click.ClickException(str(e)) from None
+        fail(str(e))
 

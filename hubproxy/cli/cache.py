@@ -1,11 +1,18 @@
-"""`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it."""
+"""`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it.
+
+Invariants: the cache is opened through common.opened_cache, so a missing, read-only or broken
+cache dir is one line naming it; sizes and durations are parsed (units required) before the cache
+is touched; eviction never takes a pinned entry, and a purge that matches one removes nothing
+unless --include-pinned is given.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
-import sys
+from typing import Iterator
 
 import click
 
@@ -17,19 +24,21 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import config_option, fail, parsed, settings_or_exit
+from .common import config_option, json_option, opened_cache, parsed, setting_option, settings_or_exit
+from .failures import exit_if_found, fail
 
 
 def _cache_options(command):
     command = config_option("TOML settings file (for cache_dir and upstreams).")(command)
-    return click.option("--cache-dir", help="The hubproxy cache dir.  [default: from config]")(command)
+    return setting_option("--cache-dir", "cache_dir", "The hubproxy cache dir (as serve's).", "~/.cache/hubproxy",
+                          metavar="DIR")(command)
 
 
-def _open_store(cache_dir, config_file) -> tuple[Store, Settings]:
+@contextlib.contextmanager
+def _cache(cache_dir, config_file) -> Iterator[tuple[Store, Settings]]:
     settings = settings_or_exit(config_file, {"cache_dir": cache_dir})
-    if not (settings.cache_path / "index").is_dir():
-        fail(f"{settings.cache_path} is not a hubproxy cache dir")
-    return Store(settings.cache_path), settings
+    with opened_cache(settings.cache_path) as store:
+        yield store, settings
 
 
 def _patterns(typed: tuple[str, ...]) -> list[str]:
@@ -40,56 +49,78 @@ def _patterns(typed: tuple[str, ...]) -> list[str]:
         raise click.UsageError(str(e)) from None
 
 
-def _keys_for(store: Store, typed: tuple[str, ...]) -> list[str]:
-    return plans.matching(store.entries(), _patterns(typed), include_pinned=True).keys
-
-
 @click.group("cache")
 def group() -> None:
-    """Inspect and steer a hubproxy cache (safe while a proxy serves from it)."""
+    """Inspect and steer a hubproxy cache (safe while a proxy serves from it).
+
+    HANDLE is a handle as typed (https://tfhub.dev/...), an index key (tfhub:/google/x/1), a mirror
+    path (/google/x/1) or a glob of keys or paths.
+
+    \b
+    Example:
+      hubproxy cache ls --cache-dir /var/cache/hubproxy
+      HUBPROXY_CACHE_DIR=/var/cache/hubproxy hubproxy cache evict --older-than 30d --dry-run
+    """
 
 
 @group.command("ls")
 @_cache_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def cache_ls(cache_dir, config_file, as_json) -> None:
-    """Each entry: handle, size, sha256, fetched, last access, hits, pinned."""
-    store, _ = _open_store(cache_dir, config_file)
-    entries = sorted(store.entries(), key=lambda e: e.key)
-    store.close()
+    """Each entry: handle, size, sha256, fetched, last access, hits, pinned.
+
+    \b
+    Example:
+      hubproxy cache ls --cache-dir /var/cache/hubproxy --json
+    """
+    with _cache(cache_dir, config_file) as (store, settings):
+        entries = sorted(store.entries(), key=lambda e: e.key)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
-        return
-    console.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
-               [[e.key, format_size(e.size), e.sha256[:16], console.when(e.fetched), console.when(e.last_access), str(e.hits),
-                 "yes" if e.pinned else ""] for e in entries])
+    elif not entries:
+        click.echo(f"no entries in cache dir {settings.cache_path}")
+    else:
+        console.summary(["handle", "size", "sha256", "fetched", "last access", "hits", "pinned"],
+                        [[e.key, format_size(e.size), e.sha256[:16], console.when(e.fetched),
+                          console.when(e.last_access), str(e.hits), "yes" if e.pinned else ""] for e in entries])
 
 
 @group.command("stats")
 @_cache_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def cache_stats(cache_dir, config_file, as_json) -> None:
-    """Entries, bytes, hit ratio, free disk."""
-    store, settings = _open_store(cache_dir, config_file)
-    entries = store.entries()
-    store.close()
+    """Entries, bytes, hit ratio, free disk.
+
+    \b
+    Example:
+      hubproxy cache stats --cache-dir /var/cache/hubproxy
+    """
+    with _cache(cache_dir, config_file) as (store, settings):
+        entries = store.entries()
+        free = shutil.disk_usage(settings.cache_path).free
     hits = sum(e.hits for e in entries)
     stats = {"entries": len(entries), "blobs": len({e.sha256 for e in entries}), "bytes": plans.usage(entries),
              "hits": hits, "fetches": len(entries),
              "hit_ratio": round(hits / (hits + len(entries)), 4) if entries else 0.0,
              "pinned": sum(e.pinned for e in entries),
-             "free_bytes": shutil.disk_usage(settings.cache_path).free}
+             "free_bytes": free}
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
-    console.summary(["stat", "value"], [[k, format_size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
+    console.summary(["stat", "value"],
+                    [[k, format_size(v) if k.endswith("bytes") else str(v)] for k, v in stats.items()])
 
 
 @group.command("pin")
 @_cache_options
 @click.argument("handles", nargs=-1, required=True)
 def cache_pin(cache_dir, config_file, handles) -> None:
-    """Never evict these entries (warmed, audited models)."""
+    """Never evict these entries (warmed, audited models).
+
+    \b
+    Example:
+      hubproxy cache pin https://tfhub.dev/google/x/1 'tfhub:/google/audited-*'
+    """
     _set_pinned(cache_dir, config_file, handles, True)
 
 
@@ -97,59 +128,76 @@ def cache_pin(cache_dir, config_file, handles) -> None:
 @_cache_options
 @click.argument("handles", nargs=-1, required=True)
 def cache_unpin(cache_dir, config_file, handles) -> None:
-    """Let these entries be evicted again."""
+    """Let these entries be evicted again.
+
+    \b
+    Example:
+      hubproxy cache unpin https://tfhub.dev/google/x/1
+    """
     _set_pinned(cache_dir, config_file, handles, False)
 
 
 def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
-    store, _ = _open_store(cache_dir, config_file)
-    try:
+    with _cache(cache_dir, config_file) as (store, _):
         keys_ = set_pinned(store, _patterns(handles), pinned)
-        if not keys_:
-            fail(f"no cached entry matches {' '.join(handles)}")
-        for key in keys_:
-            click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
-    finally:
-        store.close()
+    if not keys_:
+        fail(f"no cached entry matches {' '.join(handles)}")
+    for key in keys_:
+        click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
 
 
 @group.command("purge")
 @_cache_options
 @click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.option("--include-pinned", is_flag=True, help="Purge matching pinned entries too (without it, any "
+              "pinned match refuses the whole purge).")
 @click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
-def cache_purge(cache_dir, config_file, dry_run, patterns) -> None:
-    """Drop entries now, pinned or not (a bad upstream release, a legal request)."""
-    store, _ = _open_store(cache_dir, config_file)
-    try:
-        keys_ = _keys_for(store, patterns)
-        plan = plans.matching(store.entries(), keys_, include_pinned=True)
+def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> None:
+    """Drop entries now (a bad upstream release, a legal request); pinned ones only when asked.
+
+    \b
+    Example:
+      hubproxy cache purge 'tfhub:/google/bad-*' --dry-run
+    """
+    with _cache(cache_dir, config_file) as (store, _):
+        entries = store.entries()
+        plan = plans.matching(entries, _patterns(patterns), include_pinned=True)
+        chosen = set(plan.keys)
+        pinned = sum(e.pinned for e in entries if e.key in chosen)
+        if pinned and not include_pinned:
+            fail(f"{pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
+                 "(give --include-pinned to purge them too)")
         _apply(store, plan, dry_run)
-    finally:
-        store.close()
 
 
 @group.command("evict")
 @_cache_options
-@click.option("--max-size", help="Evict least recently used until the cache is at most SIZE (200G).")
-@click.option("--older-than", help="Evict entries unused for DURATION (30d, 12h).")
+@click.option("--max-size", metavar="SIZE", help="Evict least recently used until the cache is at most SIZE "
+              "(with its unit: 200G, 0B).")
+@click.option("--older-than", metavar="DURATION", help="Evict entries unused for DURATION (with its unit: 30d, 12h).")
 @click.option("--dry-run", is_flag=True, help="Show what would go.")
 @click.argument("patterns", nargs=-1, metavar="[HANDLE_OR_GLOB...]")
 def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns) -> None:
-    """Evict by size, by age, or by name; pinned entries always stay."""
+    """Evict by size, by age, or by name; pinned entries always stay.
+
+    \b
+    Example:
+      hubproxy cache evict --max-size 200G
+      hubproxy cache evict --older-than 30d --dry-run
+    """
     if sum(bool(x) for x in (max_size, older_than, patterns)) != 1:
         raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
-    store, _ = _open_store(cache_dir, config_file)
-    try:
+    limit = parsed(parse_size, max_size, "--max-size") if max_size else None
+    age = parsed(parse_duration, older_than, "--older-than") if older_than else None
+    with _cache(cache_dir, config_file) as (store, _):
         entries = store.entries()
-        if max_size:
-            plan = plans.to_fit(entries, parsed(parse_size, max_size))
-        elif older_than:
-            plan = plans.older_than(entries, parsed(parse_duration, older_than))
+        if limit is not None:
+            plan = plans.to_fit(entries, limit)
+        elif age is not None:
+            plan = plans.older_than(entries, age)
         else:
-            plan = plans.matching(entries, _keys_for(store, patterns), include_pinned=False)
+            plan = plans.matching(entries, _patterns(patterns), include_pinned=False)
         _apply(store, plan, dry_run)
-    finally:
-        store.close()
 
 
 def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
@@ -165,9 +213,13 @@ def _apply(store: Store, plan: plans.Plan, dry_run: bool) -> None:
 @_cache_options
 @click.option("--repair", is_flag=True, help="Re-fetch what was bad from upstream.")
 def cache_verify(cache_dir, config_file, repair) -> None:
-    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each."""
-    store, settings = _open_store(cache_dir, config_file)
-    try:
+    """Re-hash every blob; quarantine bad ones (never served again); exit 1 naming each.
+
+    \b
+    Example:
+      hubproxy cache verify --repair --config /etc/hubproxy.toml
+    """
+    with _cache(cache_dir, config_file) as (store, settings):
         findings = scrub.scrub(store)
         scrub.quarantine_all(store, findings)
         for finding in findings:
@@ -176,8 +228,5 @@ def cache_verify(cache_dir, config_file, repair) -> None:
             for key, problem in refetch(store, settings, [k for f in findings for k in f.keys]):
                 click.echo(f"{'repaired' if problem is None else 'NOT repaired'} {key}"
                            + (f": {problem}" if problem else ""), err=True)
-    finally:
-        store.close()
     click.echo(f"checked; {len(findings)} bad blobs")
-    if findings:
-        sys.exit(1)
+    exit_if_found(findings)

@@ -18,13 +18,6 @@ from rich.table import Table
 _stderr = Console(stderr=True)
 
 
-def size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
@@ -56,7 +49,7 @@ class Transfers:
 
 
 def summary(columns: list[str], rows: list[list[str]]) -> None:
-    """A table on a terminal; tab-separated lines otherwise."""
+    """A table on a terminal; tab-separated lines otherwise, the column names first."""
     out = Console()
     if out.is_terminal:
         table = Table(*columns)
@@ -64,5 +57,5 @@ def summary(columns: list[str], rows: list[list[str]]) -> None:
             table.add_row(*row)
         out.print(table)
     else:
-        for row in rows:
+        for row in [columns, *rows]:
             print("\t".join(row), flush=True)

@@ -7,28 +7,36 @@ import asyncio
 import click
 
 from .. import __version__
+from ..config import MODES
 from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
-from .common import config_option, configure_logging, settings_or_exit
+from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
+from .failures import fail, reason
 
 
 @click.command()
-@config_option()
-@click.option("--listen", help="HOST:PORT to serve on (port 0 picks a free one).  [default: 127.0.0.1:8080]")
-@click.option("--cache-dir", help="Where archives and the index live.  [default: ~/.cache/hubproxy]")
-@click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL",
-              help="Upstream base URL: tfhub=, kaggle= or gcs=. Repeatable.")
-@click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True, metavar="HOST[:PORT]",
-              help="A host upstream redirects may lead to. Repeatable; replaces the default list.")
-@click.option("--retries", type=int, help="Extra attempts on 429/5xx/connection errors.  [default: 3]")
-@click.option("--backoff-seconds", type=float, help="First retry delay, doubled each time.  [default: 0.5]")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--max-size", help="Evict least recently used entries above SIZE (200G).")
-@click.option("--min-free", help="Evict when the cache's disk has less than SIZE free.")
-@click.option("--mode", type=click.Choice(["online", "fallback", "offline"]),
-              help="offline never contacts upstream (a miss is a 504).  [default: online]")
+@setting_option("--listen", "listen", "HOST:PORT to serve on (port 0 picks a free one).", "127.0.0.1:8080")
+@setting_option("--cache-dir", "cache_dir", "Where archives and the index live.", "~/.cache/hubproxy")
+@upstream_options
+@setting_option("--retries", "retries", "Extra attempts on 429/5xx/connection errors.", "3", type=int)
+@setting_option("--backoff-seconds", "backoff_seconds", "First retry delay, doubled each time.", "0.5",
+                type=float)
+@setting_option("--log-level", "log_level", "How much to log (access lines are INFO).", "INFO",
+                type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@setting_option("--max-size", "max_size", "Evict least recently used entries above SIZE (200G).", metavar="SIZE")
+@setting_option("--min-free", "min_free", "Evict when the cache's disk has less than SIZE free (20G).",
+                metavar="SIZE")
+@setting_option("--mode", "mode", "offline never contacts upstream (a miss is a 504).", "online",
+                type=click.Choice(MODES))
 def serve(config_file, **flags) -> None:
-    """Serve the mirror until interrupted."""
+    """Serve the mirror until interrupted (SIGINT or SIGTERM).
+
+    \b
+    Example:
+      hubproxy serve --listen 0.0.0.0:8080 --cache-dir /var/cache/hubproxy --max-size 200G
+    """
     settings = settings_or_exit(config_file, flags)
+    with opened_cache(settings.cache_path, must_exist=False):
+        pass  # a cache dir that cannot be opened is named here, before anything listens
     configure_logging(settings.log_level)
     quiet_malformed_requests()
 
@@ -38,4 +46,4 @@ def serve(config_file, **flags) -> None:
     try:
         asyncio.run(serve_until_stopped(settings, announce))
     except OSError as e:
-        raise click.ClickException(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
+        fail(reason(e) if e.filename else f"cannot serve on {settings.listen}: {e.strerror or e}")

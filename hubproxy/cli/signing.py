@@ -7,18 +7,29 @@ from pathlib import Path
 import click
 
 from ..airgap import signing
-from .common import fail
+from .failures import fail
 
 
 @click.group("keys")
 def group() -> None:
-    """Ed25519 keys for signing bundles."""
+    """Ed25519 keys for signing bundles.
+
+    \b
+    Example:
+      hubproxy keys generate --out signing.pem
+    """
 
 
 @group.command("generate")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="KEY.pem (0600).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="KEY.pem",
+              help="Where the private key goes (mode 0600); KEY.pub.pem is written beside it.")
 def keys_generate(out: Path) -> None:
-    """Write a private key (mode 0600) and KEY.pub.pem beside it."""
+    """Write a private key (mode 0600) and KEY.pub.pem beside it; never overwrites a key.
+
+    \b
+    Example:
+      hubproxy keys generate --out signing.pem   # keep signing.pem; carry signing.pub.pem across
+    """
     try:
         public = signing.generate(out)
     except signing.SigningKeyError as e:

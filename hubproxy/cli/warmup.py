@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 
@@ -12,29 +11,36 @@ from ..airgap import sources, tfcache
 from ..units import format_size
 from . import console
 from .archives import archive_source, spelling_groups
-from .common import upstream_options
+from .common import source_cache_option, tfhub_dir_option, upstream_options
+from .failures import ensure_dir, exit_if_found, reason
 
 
 @click.command()
-@click.option("--cache-dir", "tfdir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The TFHUB_CACHE_DIR to fill.")
-@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy.")
-@click.option("--from-cache", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Read a hubproxy cache dir; no network.")
-@click.option("--file", "handle_file", type=click.File(),
-              help="Handles, one model per line (spellings space-separated).")
+@tfhub_dir_option("The TFHUB_CACHE_DIR to fill.")
+@click.option("--via", metavar="MIRROR_URL", help="Fetch through a running hubproxy (http://mirror:8080).")
+@source_cache_option("Read the archives from this hubproxy cache dir; no network.")
+@click.option("--file", "handle_file", type=click.File(), metavar="LIST",
+              help="Handles, one model per line (spellings space-separated, # comments).")
 @click.option("--alias", "aliases", multiple=True, metavar="SPELLING", help="Another spelling of the one HANDLE.")
 @click.option("--force", is_flag=True, help="Refresh entries that are already present.")
 @upstream_options
 @click.argument("handles", nargs=-1)
-def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, **settings_flags) -> None:
+def warmup(tfdir: Path, via, cache_dir, handle_file, aliases, force, handles, **settings_flags) -> None:
     """Write TFHUB_CACHE_DIR entries that tensorflow_hub then loads offline.
 
     HANDLE is spelled exactly as the offline code spells it (https://tfhub.dev/..., a Kaggle URL or
-    a mirror URL). Exit status is non-zero if any handle failed; each failure is named."""
+    a mirror URL). Archives come --via a mirror, from a hubproxy --cache-dir, or else straight from
+    upstream with the proxy's verified fetch. Exit status 1 if any handle failed; each is named.
+
+    \b
+    Example:
+      hubproxy warmup --tfhub-dir /shared/tfhub-cache --via http://mirror:8080 \\
+          https://tfhub.dev/google/x/1 --alias https://www.kaggle.com/models/google/x/...
+      TFHUB_CACHE_DIR=/shared/tfhub-cache hubproxy warmup --cache-dir /var/cache/hubproxy --file models.txt
+    """
     groups = spelling_groups(handles, aliases, handle_file)
-    tfdir.mkdir(parents=True, exist_ok=True)
-    source = archive_source(via, from_cache, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
+    ensure_dir(tfdir, "TFHUB_CACHE_DIR")
+    source = archive_source(via, cache_dir, tfdir / f".hubproxy-warmup-{uuid.uuid4().hex}", settings_flags)
     results = []
     try:
         with console.Transfers() as transfers:
@@ -44,10 +50,9 @@ def warmup(tfdir: Path, via, from_cache, handle_file, aliases, force, handles, *
         source.close()
     console.summary(["handle", "result", "size", "detail"], results)
     failed = [row[0] for row in results if row[1] == "failed"]
-    if failed:
-        for handle in failed:
-            click.echo(f"failed: {handle}", err=True)
-        sys.exit(1)
+    for handle in failed:
+        click.echo(f"failed: {handle}", err=True)
+    exit_if_found(failed)
 
 
 def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> list[str]:
@@ -63,6 +68,8 @@ def _warm_one(source, tfdir: Path, group: list[str], force: bool, transfers) -> 
                 archive.path.unlink(missing_ok=True)
     except (sources.SourceError, tfcache.UnsafeArchive) as e:
         return [handle, "failed", "", str(e)]
+    except OSError as e:  # the TFHUB_CACHE_DIR refused a write: this handle fails, the next may not
+        return [handle, "failed", "", reason(e)]
     aliases = [spelling for spelling in written if spelling != handle]
     return [handle, "written", format_size(archive.size), f"also as {', '.join(aliases)}" if aliases else ""]
 

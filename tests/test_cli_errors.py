@@ -1,0 +1,83 @@
+"""The command line never prints a traceback: a bad path, an unopenable or read-only cache dir, a
+missing key directory each end in one line naming the path at fault, with exit status 2 (the
+operator's error), while 1 stays for findings (a failed handle, a bad blob)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hubproxy.cache.store import Store
+from tests.conftest import ROOT, _quiet_env, run_cli
+from tests.test_cache_disk_full import small_disk  # noqa: F401  (the tmpfs fixture, mounted per test)
+
+CACHE_COMMANDS = [["ls"], ["stats"], ["verify"], ["pin", "tfhub:/google/x/1"], ["unpin", "tfhub:/google/x/1"],
+                  ["purge", "tfhub:/google/x/1"], ["evict", "--max-size", "1G"]]
+
+
+def _serve(cache_dir) -> subprocess.CompletedProcess:
+    """`hubproxy serve` expected to refuse at once (the timeout only bounds a broken build)."""
+    return subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0",
+                           "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=_quiet_env())
+
+
+def _one_line_naming(result: subprocess.CompletedProcess, path, *words: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert result.returncode == 2, (result.returncode, result.stderr)
+
+
+def _every_command(cache_dir):
+    yield _serve(cache_dir)
+    for command in CACHE_COMMANDS:
+        yield run_cli("cache", *command, "--cache-dir", cache_dir)
+
+
+def test_a_cache_dir_that_is_a_file_is_named_by_serve_and_every_cache_command(tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file, not a directory")
+    for result in _every_command(not_a_dir):
+        _one_line_naming(result, not_a_dir, "not a directory")
+
+
+def test_an_unopenable_index_is_one_line_naming_the_cache_dir(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "index").mkdir(parents=True)
+    (cache / "index" / "cache.db").write_text("not a database")
+    for result in _every_command(cache):
+        _one_line_naming(result, cache)
+
+
+def test_a_read_only_cache_dir_is_one_line_naming_it(small_disk):  # noqa: F811
+    Store(small_disk.cache_dir).close()  # a real cache, then the disk turns read-only under it
+    small_disk.make_cache_read_only()
+    try:
+        for result in _every_command(small_disk.cache_dir):
+            _one_line_naming(result, small_disk.cache_dir, "read-only")
+    finally:
+        small_disk.make_cache_writable()
+
+
+def test_keys_generate_into_a_missing_directory_names_it(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    result = run_cli("keys", "generate", "--out", missing / "signing.pem")
+    _one_line_naming(result, missing, "does not exist")
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["cache", "ls", "--cache-dir", "{tmp}/never-made"],  # a bad path
+    ["cache", "evict", "--cache-dir", "{tmp}"],  # usage: nothing to evict by
+    ["frobnicate"],  # no such command
+])
+def test_the_operators_mistakes_exit_2(tmp_path, args):
+    result = run_cli(*[arg.format(tmp=tmp_path) for arg in args])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
