@@ -20,6 +20,7 @@ class Plan:
     keys: list[str]  # index entries to drop
     blobs: list[str]  # sha256 of blobs no remaining entry uses
     freed: int  # bytes the blobs free
+    pinned: int = 0  # how many of the keys are pinned entries (only a purge may take them)
 
 
 def usage(entries: list[Entry]) -> int:
@@ -57,7 +58,8 @@ def matching(entries: list[Entry], patterns: list[str], *, include_pinned: bool)
     chosen = {e.key for e in entries if (include_pinned or not e.pinned) and _matches(e.key, patterns)}
     remaining = {e.sha256 for e in entries if e.key not in chosen}
     blobs = {e.sha256: e.size for e in entries if e.key in chosen and e.sha256 not in remaining}
-    return Plan(sorted(chosen), sorted(blobs), sum(blobs.values()))
+    pinned = sum(e.pinned for e in entries if e.key in chosen)
+    return Plan(sorted(chosen), sorted(blobs), sum(blobs.values()), pinned)
 
 
 def _matches(key: str, patterns: list[str]) -> bool:

@@ -12,7 +12,7 @@ from ..airgap import bundle, signing, sources, tfcache
 from . import console
 from .archives import archive_source, spelling_groups
 from .common import CACHE_DIR, source_cache_option, tfhub_dir_option
-from .failures import directory_errors, ensure_dir, fail
+from .failures import directory_errors, fail
 
 
 @click.group("bundle")
@@ -87,10 +87,10 @@ def bundle_import(ctx: click.Context, bundle_file: Path, verify_key, allow_unsig
         raise click.UsageError("give --verify-key PUB.pem (or --allow-unsigned)")
     public = _key(signing.load_public, verify_key)
     destination = tfdir or cache_dir
-    ensure_dir(destination, "TFHUB_CACHE_DIR" if tfdir is not None else CACHE_DIR)
-    try:
-        verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
-                                 allow_unsigned)
+    try:  # verify creates the destination, and removes what it created when it refuses the bundle
+        with directory_errors(destination, "TFHUB_CACHE_DIR" if tfdir is not None else CACHE_DIR):
+            verified = bundle.verify(bundle_file, destination / f".hubproxy-import-{uuid.uuid4().hex}", public,
+                                     allow_unsigned)
     except bundle.BundleError as e:
         fail(str(e))
     try:

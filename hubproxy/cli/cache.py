@@ -160,12 +160,9 @@ def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> No
       hubproxy cache purge 'tfhub:/google/bad-*' --dry-run
     """
     with _cache(cache_dir, config_file) as (store, _):
-        entries = store.entries()
-        plan = plans.matching(entries, _patterns(patterns), include_pinned=True)
-        chosen = set(plan.keys)
-        pinned = sum(e.pinned for e in entries if e.key in chosen)
-        if pinned and not include_pinned:
-            fail(f"{pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
+        plan = plans.matching(store.entries(), _patterns(patterns), include_pinned=True)
+        if plan.pinned and not include_pinned:
+            fail(f"{plan.pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
                  "(give --include-pinned to purge them too)")
         _apply(store, plan, dry_run)
 

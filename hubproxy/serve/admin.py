@@ -51,12 +51,9 @@ async def ls(request: web.Request) -> web.Response:
 
 async def purge(request: web.Request) -> web.Response:
     body = await read_body(request, "purge")
-    entries = await _idle_entries(request)
-    plan = plans.matching(entries, body.handles, include_pinned=True)
-    chosen = set(plan.keys)
-    pinned = sum(e.pinned for e in entries if e.key in chosen)
-    if pinned and not body.include_pinned:
-        return error(409, f"{pinned} of the {len(plan.keys)} matching entries pinned, so nothing was purged: "
+    plan = plans.matching(await _idle_entries(request), body.handles, include_pinned=True)
+    if plan.pinned and not body.include_pinned:
+        return error(409, f"{plan.pinned} of the {len(plan.keys)} matching entries pinned, so nothing was purged: "
                           'add "include_pinned": true to purge pinned entries too')
     return await _apply(request, plan, body.dry_run)
 
