@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, peak_rss, raw_request
+from tests.conftest import (compressed_offset_of_member, hub_load, loaded_output, model_dirs, peak_rss, raw_request,
+                            stand_in_archive)
 
 DISK_SIZE = 16 << 20
 FREE_WHEN_FULL = 1536 << 10  # room for the first MiB of a fetch, not for a whole 4 MiB archive
@@ -61,15 +62,10 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"this machine does not let the tests mount a tmpfs: {mounted.stderr.strip()}")
-    yield SmallDisk(mount_point)
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return SmallDisk(tmpfs(mount_point, f"size={DISK_SIZE}"))
 
 
 def _log_count(proxy, text: str) -> int:
@@ -195,9 +191,7 @@ def test_herd_on_a_full_disk_shares_one_upstream_fetch(proxy_factory, clean_orig
 def test_pass_through_memory_is_paced_by_a_slow_client(proxy_factory, clean_origin, small_disk, tmp_path):
     """Without the disk, a fast origin and a slow client would pile the archive up in memory."""
     size = 96 << 20
-    archive = tmp_path / "big.tar.gz"
-    with archive.open("wb") as f:
-        f.write(b"\x1f\x8b" + os.urandom(size - 2))
+    archive = stand_in_archive(tmp_path / "big.tar.gz", size)
     proxy = proxy_factory(small_disk.cache_dir)
     model = clean_origin.register(archive)
     small_disk.fill()

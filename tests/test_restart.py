@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 
-from tests.conftest import hub_load, loaded_output, run_cli
+from tests.conftest import hub_load, loaded_output, run_cli, stand_in_archive
 
 
 def _dead_upstreams() -> dict[str, str]:
@@ -57,7 +56,7 @@ def test_upstream_down_still_serves_hits_and_explains_misses(proxy_factory, clea
 def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_path):
     origin = clean_origin
     cache_dir = tmp_path / "cache"
-    kept, lost = (origin.register(_stand_in(tmp_path, name)) for name in ("kept", "lost"))
+    kept, lost = (origin.register(stand_in_archive(tmp_path / f"{name}.tar.gz", 10_002)) for name in ("kept", "lost"))
     first = proxy_factory(cache_dir)
     for model in (kept, lost):
         assert first.get(f"/{model.handle}")[0] == 200
@@ -76,9 +75,3 @@ def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_pat
     restarted.stop()
     listing = run_cli("cache", "ls", "--json", "--cache-dir", cache_dir)
     assert [entry["key"] for entry in json.loads(listing.stdout)] == [f"tfhub:/{kept.handle}"]
-
-
-def _stand_in(tmp_path, name):
-    path = tmp_path / f"{name}.tar.gz"
-    path.write_bytes(b"\x1f\x8b" + os.urandom(10_000))
-    return path
