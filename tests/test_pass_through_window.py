@@ -13,11 +13,12 @@ import asyncio
 
 import pytest
 
-from hubproxy.fetch.flight import State
+from hubproxy.fetch.errors import FetchFailed
+from hubproxy.fetch.flight import HOLDBACK, State
 from hubproxy.fetch.ingest import BATCH_SIZE
 from hubproxy.fetch.window import Window
-from tests.conftest import stand_in_archive
-from tests.in_process import Reader, fetching, until
+from tests.conftest import STAND_IN_HOLD_AT, stand_in_archive
+from tests.in_process import Reader, all_streaming, fetching, leave, origin_paused, release_when_held, stay, until
 
 PIECES = [b"abc", b"defg", b"hi", b"jklmn"]
 STREAM = b"".join(PIECES)
@@ -123,6 +124,28 @@ def test_pass_through_readers_get_identical_complete_bytes_and_nothing_is_stored
     assert clean_origin.object_gets(model) == 1
 
 
+def test_pass_through_readers_get_the_bytes_held_in_memory_while_the_origin_pauses(clean_origin, full_disk_store,
+                                                                                   held_stand_in, stand_in):
+    """As on a disk that takes the writes, a paused (or slow) origin must not keep from the readers
+    the bytes the proxy already holds, short of the last HOLDBACK."""
+    taken_in = STAND_IN_HOLD_AT - LARGEST_BATCH  # at least: all but the batch being filled when the origin paused
+
+    async def scenario():
+        async with fetching(clean_origin, full_disk_store, held_stand_in) as fetch:
+            reader = Reader()
+            reading = fetch.start(reader)
+            await origin_paused(clean_origin)
+            await until(lambda: len(reader.data) >= taken_in - HOLDBACK, "the reader got the bytes held in memory")
+            sent_while_paused = bytes(reader.data)
+            await asyncio.to_thread(clean_origin.release)
+            return sent_while_paused, await reading
+
+    sent_while_paused, body = asyncio.run(scenario())
+
+    assert sent_while_paused == stand_in.read_bytes()[:len(sent_while_paused)]
+    assert body == stand_in.read_bytes()
+
+
 def test_a_lagging_reader_paces_pass_through_and_memory_stays_within_the_limit(clean_origin, full_disk_store,
                                                                                tmp_path):
     archive = stand_in_archive(tmp_path / "large.tar.gz", 24 << 20)  # more than a window's limit
@@ -158,3 +181,51 @@ def test_a_lagging_reader_paces_pass_through_and_memory_stays_within_the_limit(c
     assert flight.state is State.PASSED
     assert max(held) > flight.window.limit, "the laggard did lag: the window filled up"
     assert max(held) <= flight.window.limit + LARGEST_BATCH
+
+
+def test_a_newcomer_after_bytes_left_memory_starts_a_new_flight(clean_origin, full_disk_store, held_stand_in,
+                                                                stand_in):
+    async def scenario():
+        async with fetching(clean_origin, full_disk_store, held_stand_in) as fetch:
+            readers = [Reader() for _ in range(2)]
+            reading = fetch.start_all(readers)
+            await until(lambda: readers[0].flight is not None and not readers[0].flight.joinable,
+                        "the readers passed bytes the disk never took, and memory let them go")
+            running = readers[0].flight.state
+            newcomer = Reader()
+            reading.append(fetch.start(newcomer))
+            await release_when_held(clean_origin, 2)
+            return readers, newcomer, running, await asyncio.gather(*reading)
+
+    readers, newcomer, running, bodies = asyncio.run(scenario())
+
+    assert running is State.STREAMING, "the first flight was still under way when the newcomer came"
+    assert newcomer.joined is False and newcomer.flight is not readers[0].flight
+    assert bodies == [stand_in.read_bytes()] * 3
+    assert clean_origin.object_gets(held_stand_in) == 2
+
+
+def test_pass_through_with_every_reader_gone_ends_the_fetch_and_leaves_no_temp_file(clean_origin, full_disk_store,
+                                                                                    held_stand_in):
+    """Nobody to stream to and nowhere to store: the fetch stops rather than fill memory for nobody."""
+    store = full_disk_store
+
+    async def scenario():
+        async with fetching(clean_origin, store, held_stand_in) as fetch:
+            readers = [Reader() for _ in range(2)]
+            reading = fetch.start_all(readers, after_span=stay)
+            await all_streaming(readers)
+            await origin_paused(clean_origin)  # the rest of the archive comes after they left
+            await leave(reading)
+            await asyncio.to_thread(clean_origin.release)
+            try:
+                await readers[0].flight.finished()
+            except FetchFailed as e:
+                return fetch.key, e
+            return fetch.key, None
+
+    key, failure = asyncio.run(scenario())
+
+    assert failure is not None and failure.status == 503 and "no client is left" in failure.message
+    assert store.lookup(key) is None and store.stored_blobs() == set()
+    assert list(store.tmp.iterdir()) == [], "no temp file left"
