@@ -194,6 +194,15 @@ def http_request(url: str, headers: dict | None = None, method: str = "GET") -> 
         return e.code, e.headers, e.read()
 
 
+def download_fails(proxy: Proxy, model) -> None:
+    """A GET of model through proxy that does not deliver it: an error status, or a body cut short."""
+    try:
+        status, _, _ = proxy.get(f"/{model.handle}")
+    except http.client.IncompleteRead:
+        return
+    assert status >= 500, f"the download succeeded with {status}"
+
+
 def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
     """Send exact bytes (targets no client library would send) and parse the response."""
     host, port = base_url.removeprefix("http://").split(":")

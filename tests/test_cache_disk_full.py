@@ -72,50 +72,98 @@ def _log_count(proxy, text: str) -> int:
     return proxy.log.read_text().count(text)
 
 
-def test_full_disk_serves_clients_commits_nothing_and_recovers(proxy_factory, clean_origin, small_disk, archives,
-                                                               tmp_path):
+@pytest.fixture
+def full_disk_proxy(proxy_factory, small_disk):
     proxy = proxy_factory(small_disk.cache_dir)
-    model = clean_origin.register(archives.padded)
-    path = f"/{model.handle}?tf-hub-format=compressed"
     small_disk.fill()
+    return proxy
+
+
+def _archive_path(model) -> str:
+    return f"/{model.handle}?tf-hub-format=compressed"
+
+
+def test_full_disk_still_serves_every_client(full_disk_proxy, clean_origin, archives, tmp_path):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
 
     loaded = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
-    status, headers, body = proxy.get(path)
+    status, headers, body = proxy.get(_archive_path(model))
 
     assert loaded_output(loaded) == archives.expected(archives.padded)
     assert (status, headers["X-Cache"], body) == (200, "MISS", archives.padded.read_bytes())
+
+
+def test_full_disk_stores_nothing_and_says_so_once_per_burst(full_disk_proxy, clean_origin, small_disk, archives):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
+
+    for _ in range(2):
+        assert proxy.get(_archive_path(model))[0] == 200
+
     assert small_disk.stored_files() == []
     assert proxy.metric("hubproxy_cache_write_errors_total", reason="no_space") == 2
     assert proxy.metric("hubproxy_passthrough_fetches_total") == 2
     assert proxy.metric("hubproxy_cache_writable") == 0
     assert _log_count(proxy, CANNOT_WRITE) == 1, "one line per burst, not one per failed write"
 
+
+def test_cache_stores_again_once_the_full_disk_has_room(full_disk_proxy, clean_origin, small_disk, archives):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
+    assert proxy.get(_archive_path(model))[0] == 200  # passed through
+
     small_disk.make_room()
-    assert proxy.get(path)[1]["X-Cache"] == "MISS"  # nothing was indexed while the disk was full
-    status, headers, body = proxy.get(path)
+
+    assert proxy.get(_archive_path(model))[1]["X-Cache"] == "MISS"  # nothing was indexed while the disk was full
+    status, headers, body = proxy.get(_archive_path(model))
     assert (status, headers["X-Cache"], body) == (200, "HIT", archives.padded.read_bytes())
     assert proxy.metric("hubproxy_cache_writable") == 1
     assert _log_count(proxy, WRITES_AGAIN) == 1
 
 
-def test_read_only_cache_serves_clients_and_recovers(proxy_factory, clean_origin, small_disk, archives):
+@pytest.fixture
+def read_only_proxy(proxy_factory, clean_origin, small_disk, archives):
+    """A proxy whose cache holds archives.small, then turns read-only: (proxy, the cached model)."""
     proxy = proxy_factory(small_disk.cache_dir)
-    cached, fresh = clean_origin.register(archives.small), clean_origin.register(archives.padded)
+    cached = clean_origin.register(archives.small)
     assert proxy.get(f"/{cached.handle}")[1]["X-Cache"] == "MISS"
     small_disk.make_cache_read_only()
+    return proxy, cached
 
-    miss = proxy.get(f"/{fresh.handle}")
-    # Counted before any hit: a hit's count reaches the index later (at the next housekeeping pass,
-    # or at once when a refused write pokes it), and that write fails or not while read-only as the
-    # thread doing it has an index connection from before the disk turned read-only or not.
-    refused_by_the_miss = proxy.metric("hubproxy_cache_write_errors_total", reason="read_only")
+
+def test_read_only_cache_still_serves_hits(read_only_proxy, archives):
+    proxy, cached = read_only_proxy
+
     hit = proxy.get(f"/{cached.handle}")
 
-    assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
-    assert refused_by_the_miss == 1, "the miss's temp file, and nothing else"
     assert (hit[0], hit[1]["X-Cache"], hit[2]) == (200, "HIT", archives.small.read_bytes())
+
+
+def test_read_only_cache_passes_misses_through_and_counts_the_refused_write(read_only_proxy, clean_origin,
+                                                                           small_disk, archives):
+    proxy, _ = read_only_proxy
+    fresh = clean_origin.register(archives.padded)
+
+    miss = proxy.get(f"/{fresh.handle}")
+
+    assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
+    # No hit is counted in this test: a hit's count reaches the index later (at the next
+    # housekeeping pass, or at once when a refused write pokes it), and that write fails or not
+    # while read-only as the thread doing it has an index connection from before the disk turned
+    # read-only or not.
+    assert proxy.metric("hubproxy_cache_write_errors_total", reason="read_only") == 1, "the temp file, no more"
     small_disk.make_cache_writable()
     assert len(small_disk.stored_files()) == 1, "only the archive cached before"
+
+
+def test_cache_stores_again_after_a_read_only_spell(read_only_proxy, clean_origin, small_disk, archives):
+    proxy, _ = read_only_proxy
+    fresh = clean_origin.register(archives.padded)
+    assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "MISS"  # passed through
+
+    small_disk.make_cache_writable()
+
     # A thread's index connection opened while read-only fails one write, then reopens: recovery
     # may cost a few pass-throughs (one per such thread), never more.
     outcomes = [proxy.get(f"/{fresh.handle}")[1]["X-Cache"] for _ in range(8)]

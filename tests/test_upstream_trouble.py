@@ -32,6 +32,14 @@ def test_persistent_5xx_gives_502_after_bounded_retries(proxy, origin, archives)
     assert status == 502
     assert b"503" in reason and b"after 4 attempts" in reason
     assert origin.object_gets(model) == 4
+
+
+def test_persistent_5xx_stores_nothing(proxy, origin, archives):
+    model = origin.register(archives.small)
+    origin.faults(model, status=503)
+
+    assert proxy.get(f"/{model.handle}")[0] == 502
+
     assert not any(p.is_file() for p in (proxy.cache_dir / "blobs").rglob("*"))
 
 
