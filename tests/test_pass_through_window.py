@@ -22,7 +22,7 @@ from tests.in_process import Reader, all_streaming, fetching, leave, origin_paus
 
 PIECES = [b"abc", b"defg", b"hi", b"jklmn"]
 STREAM = b"".join(PIECES)
-ORIGIN_AT = 100  # where the window starts in the stream
+WINDOW_START = 100  # where the window starts in the stream
 
 TEMP_ROOM = "size=1536k"  # the first batch of a fetch fits, the second does not
 # asyncio reads at most 256 KiB from a socket at once, so a batch overshoots BATCH_SIZE by less.
@@ -30,7 +30,7 @@ LARGEST_BATCH = BATCH_SIZE + (256 << 10)
 
 
 def _window(limit: int = 1000) -> Window:
-    window = Window(ORIGIN_AT, limit)
+    window = Window(WINDOW_START, limit)
     window.append(PIECES)
     return window
 
@@ -45,10 +45,10 @@ def test_window_reads_across_piece_boundaries():
     window = _window()
     for offset in range(len(STREAM)):
         for length in range(len(STREAM) - offset + 1):
-            assert _bytes(window.read(ORIGIN_AT + offset, length)) == STREAM[offset:offset + length]
+            assert _bytes(window.read(WINDOW_START + offset, length)) == STREAM[offset:offset + length]
 
 
-@pytest.mark.parametrize("offset, length", [(ORIGIN_AT - 1, 2), (ORIGIN_AT + len(STREAM) - 1, 2)])
+@pytest.mark.parametrize("offset, length", [(WINDOW_START - 1, 2), (WINDOW_START + len(STREAM) - 1, 2)])
 def test_window_refuses_to_read_bytes_it_does_not_hold(offset, length):
     with pytest.raises(IndexError):
         _window().read(offset, length)
@@ -56,13 +56,13 @@ def test_window_refuses_to_read_bytes_it_does_not_hold(offset, length):
 
 def test_window_drops_only_whole_pieces_every_reader_passed():
     window = _window()
-    window.drop_before(ORIGIN_AT + 5)  # inside "defg": only "abc" is behind every reader
-    assert (window.start, window.end) == (ORIGIN_AT + 3, ORIGIN_AT + len(STREAM))
-    assert _bytes(window.read(ORIGIN_AT + 3, len(STREAM) - 3)) == STREAM[3:]
+    window.drop_before(WINDOW_START + 5)  # inside "defg": only "abc" is behind every reader
+    assert (window.start, window.end) == (WINDOW_START + 3, WINDOW_START + len(STREAM))
+    assert _bytes(window.read(WINDOW_START + 3, len(STREAM) - 3)) == STREAM[3:]
     with pytest.raises(IndexError):
-        window.read(ORIGIN_AT + 2, 1)
-    window.drop_before(ORIGIN_AT + 9)  # exactly the end of "hi"
-    assert window.start == ORIGIN_AT + 9 and _bytes(window.read(window.start, 5)) == b"jklmn"
+        window.read(WINDOW_START + 2, 1)
+    window.drop_before(WINDOW_START + 9)  # exactly the end of "hi"
+    assert window.start == WINDOW_START + 9 and _bytes(window.read(window.start, 5)) == b"jklmn"
 
 
 def test_window_writer_waits_above_the_limit_and_wakes_once_dropped_within_it():
@@ -71,10 +71,10 @@ def test_window_writer_waits_above_the_limit_and_wakes_once_dropped_within_it():
         waiting = asyncio.create_task(window.wait_for_room())
         await asyncio.sleep(0)  # one turn of the loop: the task runs up to its wait
         blocked_while_over = not waiting.done()
-        window.drop_before(ORIGIN_AT + 3)  # holds 11: still over
+        window.drop_before(WINDOW_START + 3)  # holds 11: still over
         await asyncio.sleep(0)
         still_blocked = not waiting.done()
-        window.drop_before(ORIGIN_AT + 7)  # holds 7
+        window.drop_before(WINDOW_START + 7)  # holds 7
         await asyncio.wait_for(waiting, 10)
         return blocked_while_over, still_blocked, window.held
 

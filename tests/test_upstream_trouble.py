@@ -51,14 +51,22 @@ def test_dropped_connections_give_502_with_a_clear_message(proxy, origin, archiv
     assert b"upstream" in reason
 
 
-def test_html_instead_of_an_archive_is_refused_and_never_cached(proxy, origin, archives):
+def test_html_instead_of_an_archive_is_refused(proxy, origin, archives):
     model = origin.register(archives.small)
     origin.faults(model, html=True)
 
     status, _, reason = proxy.get(f"/{model.handle}")
+
     assert status == 502 and b"HTML" in reason
 
+
+def test_html_instead_of_an_archive_is_never_cached(proxy, origin, archives):
+    model = origin.register(archives.small)
+    origin.faults(model, html=True)
+    assert proxy.get(f"/{model.handle}")[0] == 502
+
     origin.faults(model, html=None)
+
     status, headers, body = proxy.get(f"/{model.handle}")
     assert (status, headers["X-Cache"], body) == (200, "MISS", archives.small.read_bytes())
 
