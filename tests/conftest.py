@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hubproxy.cache.store import Store
 from tests.origin_control import Origin, start_origin, stop_process
 
 TESTS = Path(__file__).parent
@@ -193,6 +194,15 @@ def http_request(url: str, headers: dict | None = None, method: str = "GET") -> 
         return e.code, e.headers, e.read()
 
 
+def download_fails(proxy: Proxy, model) -> None:
+    """A GET of model through proxy that does not deliver it: an error status, or a body cut short."""
+    try:
+        status, _, _ = proxy.get(f"/{model.handle}")
+    except http.client.IncompleteRead:
+        return
+    assert status >= 500, f"the download succeeded with {status}"
+
+
 def raw_request(base_url: str, request_bytes: bytes) -> tuple[int, bytes]:
     """Send exact bytes (targets no client library would send) and parse the response."""
     host, port = base_url.removeprefix("http://").split(":")
@@ -241,3 +251,61 @@ def compressed_offset_of_member(archive: Path, member: str) -> int:
             assert produced < header_offset + 512, "prefix must not contain the next header"
             return cut
     raise AssertionError(f"{member} not reached")
+
+
+def stand_in_archive(path: Path, size: int) -> Path:
+    """A file the proxy takes for a model archive (gzip magic, then incompressible filler): for tests
+    of how bytes move, where no client extracts it."""
+    with path.open("wb") as f:
+        f.write(b"\x1f\x8b")
+        for start in range(2, size, 8 << 20):
+            f.write(os.urandom(min(8 << 20, size - start)))
+    return path
+
+
+# -- in process (tests/in_process.py) -------------------------------------------------------
+
+STAND_IN_SIZE = 4 << 20
+STAND_IN_HOLD_AT = 3 << 20  # where the origin pauses a held stand-in, so readers can join or leave mid-stream
+
+
+@pytest.fixture
+def stand_in(tmp_path) -> Path:
+    return stand_in_archive(tmp_path / "stand-in.tar.gz", STAND_IN_SIZE)
+
+
+@pytest.fixture
+def held_stand_in(clean_origin, stand_in):
+    """The stand-in served by the origin, which pauses at STAND_IN_HOLD_AT until released."""
+    model = clean_origin.register(stand_in)
+    clean_origin.faults(model, hold_after=STAND_IN_HOLD_AT)
+    return model
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A cache store, for hubproxy's classes run in the test's process."""
+    store = Store(tmp_path / "cache")
+    yield store
+    store.close()
+
+
+# -- disks that refuse writes ----------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs():
+    """mount(mount_point, *options): a tmpfs mounted there ("size=16m", "ro"...) for the test, unmounted
+    after; the test is skipped where the machine forbids mounts (they need root)."""
+    mounted: list[Path] = []
+
+    def mount(mount_point: Path, *options: str) -> Path:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(mount_point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"this machine does not let the tests mount a tmpfs: {result.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compressed_offset_of_member, hub_load, loaded_output, model_dirs, peak_rss, raw_request
+from tests.conftest import (compressed_offset_of_member, hub_load, loaded_output, model_dirs, peak_rss, raw_request,
+                            stand_in_archive)
 
 DISK_SIZE = 16 << 20
 FREE_WHEN_FULL = 1536 << 10  # room for the first MiB of a fetch, not for a whole 4 MiB archive
@@ -61,60 +62,108 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"this machine does not let the tests mount a tmpfs: {mounted.stderr.strip()}")
-    yield SmallDisk(mount_point)
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return SmallDisk(tmpfs(mount_point, f"size={DISK_SIZE}"))
 
 
 def _log_count(proxy, text: str) -> int:
     return proxy.log.read_text().count(text)
 
 
-def test_full_disk_serves_clients_commits_nothing_and_recovers(proxy_factory, clean_origin, small_disk, archives,
-                                                               tmp_path):
+@pytest.fixture
+def full_disk_proxy(proxy_factory, small_disk):
     proxy = proxy_factory(small_disk.cache_dir)
-    model = clean_origin.register(archives.padded)
-    path = f"/{model.handle}?tf-hub-format=compressed"
     small_disk.fill()
+    return proxy
+
+
+def _archive_path(model) -> str:
+    return f"/{model.handle}?tf-hub-format=compressed"
+
+
+def test_full_disk_still_serves_every_client(full_disk_proxy, clean_origin, archives, tmp_path):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
 
     loaded = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
-    status, headers, body = proxy.get(path)
+    status, headers, body = proxy.get(_archive_path(model))
 
     assert loaded_output(loaded) == archives.expected(archives.padded)
     assert (status, headers["X-Cache"], body) == (200, "MISS", archives.padded.read_bytes())
+
+
+def test_full_disk_stores_nothing_and_says_so_once_per_burst(full_disk_proxy, clean_origin, small_disk, archives):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
+
+    for _ in range(2):
+        assert proxy.get(_archive_path(model))[0] == 200
+
     assert small_disk.stored_files() == []
     assert proxy.metric("hubproxy_cache_write_errors_total", reason="no_space") == 2
     assert proxy.metric("hubproxy_passthrough_fetches_total") == 2
     assert proxy.metric("hubproxy_cache_writable") == 0
     assert _log_count(proxy, CANNOT_WRITE) == 1, "one line per burst, not one per failed write"
 
+
+def test_cache_stores_again_once_the_full_disk_has_room(full_disk_proxy, clean_origin, small_disk, archives):
+    proxy = full_disk_proxy
+    model = clean_origin.register(archives.padded)
+    assert proxy.get(_archive_path(model))[0] == 200  # passed through
+
     small_disk.make_room()
-    assert proxy.get(path)[1]["X-Cache"] == "MISS"  # nothing was indexed while the disk was full
-    status, headers, body = proxy.get(path)
+
+    assert proxy.get(_archive_path(model))[1]["X-Cache"] == "MISS"  # nothing was indexed while the disk was full
+    status, headers, body = proxy.get(_archive_path(model))
     assert (status, headers["X-Cache"], body) == (200, "HIT", archives.padded.read_bytes())
     assert proxy.metric("hubproxy_cache_writable") == 1
     assert _log_count(proxy, WRITES_AGAIN) == 1
 
 
-def test_read_only_cache_serves_clients_and_recovers(proxy_factory, clean_origin, small_disk, archives):
+@pytest.fixture
+def read_only_proxy(proxy_factory, clean_origin, small_disk, archives):
+    """A proxy whose cache holds archives.small, then turns read-only: (proxy, the cached model)."""
     proxy = proxy_factory(small_disk.cache_dir)
-    cached, fresh = clean_origin.register(archives.small), clean_origin.register(archives.padded)
+    cached = clean_origin.register(archives.small)
     assert proxy.get(f"/{cached.handle}")[1]["X-Cache"] == "MISS"
     small_disk.make_cache_read_only()
+    return proxy, cached
 
-    hit, miss = proxy.get(f"/{cached.handle}"), proxy.get(f"/{fresh.handle}")
+
+def test_read_only_cache_still_serves_hits(read_only_proxy, archives):
+    proxy, cached = read_only_proxy
+
+    hit = proxy.get(f"/{cached.handle}")
 
     assert (hit[0], hit[1]["X-Cache"], hit[2]) == (200, "HIT", archives.small.read_bytes())
+
+
+def test_read_only_cache_passes_misses_through_and_counts_the_refused_write(read_only_proxy, clean_origin,
+                                                                           small_disk, archives):
+    proxy, _ = read_only_proxy
+    fresh = clean_origin.register(archives.padded)
+
+    miss = proxy.get(f"/{fresh.handle}")
+
     assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
-    assert proxy.metric("hubproxy_cache_write_errors_total", reason="read_only") == 1
+    # No hit is counted in this test: a hit's count reaches the index later (at the next
+    # housekeeping pass, or at once when a refused write pokes it), and that write fails or not
+    # while read-only as the thread doing it has an index connection from before the disk turned
+    # read-only or not.
+    assert proxy.metric("hubproxy_cache_write_errors_total", reason="read_only") == 1, "the temp file, no more"
     small_disk.make_cache_writable()
     assert len(small_disk.stored_files()) == 1, "only the archive cached before"
+
+
+def test_cache_stores_again_after_a_read_only_spell(read_only_proxy, clean_origin, small_disk, archives):
+    proxy, _ = read_only_proxy
+    fresh = clean_origin.register(archives.padded)
+    assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "MISS"  # passed through
+
+    small_disk.make_cache_writable()
+
     # A thread's index connection opened while read-only fails one write, then reopens: recovery
     # may cost a few pass-throughs (one per such thread), never more.
     outcomes = [proxy.get(f"/{fresh.handle}")[1]["X-Cache"] for _ in range(8)]
@@ -195,9 +244,7 @@ def test_herd_on_a_full_disk_shares_one_upstream_fetch(proxy_factory, clean_orig
 def test_pass_through_memory_is_paced_by_a_slow_client(proxy_factory, clean_origin, small_disk, tmp_path):
     """Without the disk, a fast origin and a slow client would pile the archive up in memory."""
     size = 96 << 20
-    archive = tmp_path / "big.tar.gz"
-    with archive.open("wb") as f:
-        f.write(b"\x1f\x8b" + os.urandom(size - 2))
+    archive = stand_in_archive(tmp_path / "big.tar.gz", size)
     proxy = proxy_factory(small_disk.cache_dir)
     model = clean_origin.register(archive)
     small_disk.fill()

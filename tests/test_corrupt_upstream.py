@@ -6,7 +6,7 @@ import http.client
 
 import pytest
 
-from tests.conftest import hub_load, loaded_output, model_dirs
+from tests.conftest import download_fails, hub_load, loaded_output, model_dirs
 
 
 def test_premise_direct_download_with_a_flipped_byte_is_silently_accepted(clean_origin, archives, tmp_path):
@@ -20,19 +20,30 @@ def test_premise_direct_download_with_a_flipped_byte_is_silently_accepted(clean_
     assert len(model_dirs(tmp_path / "tfhub")) == 1  # a corrupt model, trusted for ever
 
 
-def test_corrupt_upstream_makes_the_client_fail_and_caches_nothing(proxy, origin, archives, tmp_path):
+def _corrupt_model(origin, archives):
     model = origin.register(archives.padded)
     origin.faults(model, corrupt_at=archives.padded.stat().st_size - 200_000)
-    handle = f"{proxy.url}/{model.handle}"
+    return model
 
-    failed = hub_load(handle, tmp_path / "tfhub")
+
+def test_corrupt_upstream_makes_the_client_fail_and_caches_nothing(proxy, origin, archives, tmp_path):
+    model = _corrupt_model(origin, archives)
+
+    failed = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
 
     assert failed.returncode != 0
     assert model_dirs(tmp_path / "tfhub") == []
     assert not any(p.is_file() for p in (proxy.cache_dir / "blobs").rglob("*"))
 
+
+def test_after_a_corrupt_upstream_the_next_request_fetches_afresh(proxy, origin, archives, tmp_path):
+    model = _corrupt_model(origin, archives)
+    download_fails(proxy, model)
+
     origin.faults(model, corrupt_at=None)
-    assert loaded_output(hub_load(handle, tmp_path / "tfhub")) == archives.expected(archives.padded)
+
+    assert loaded_output(hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")) == \
+        archives.expected(archives.padded)
     assert origin.object_gets(model) == 2
 
 

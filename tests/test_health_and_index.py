@@ -16,18 +16,29 @@ def test_healthz_answers_while_serving(proxy):
     assert (status, body) == (200, b"ok\n")
 
 
-def test_metrics_count_outcomes(proxy, origin, archives):
-    model = origin.register(archives.small)
-    proxy.get(f"/{model.handle}")
-    proxy.get(f"/{model.handle}")
-    proxy.get(f"/{model.handle}")
+def _miss_then_two_hits(proxy, origin, archive) -> None:
+    model = origin.register(archive)
+    for _ in range(3):
+        assert proxy.get(f"/{model.handle}")[0] == 200
+
+
+def test_metrics_count_request_outcomes(proxy, origin, archives):
+    _miss_then_two_hits(proxy, origin, archives.small)
     assert proxy.metric("hubproxy_requests_total", outcome="MISS") == 1
     assert proxy.metric("hubproxy_requests_total", outcome="HIT") == 2
-    assert proxy.metric("hubproxy_flights_in_progress") == 0
+
+
+def test_metrics_count_bytes_fetched_and_served(proxy, origin, archives):
+    _miss_then_two_hits(proxy, origin, archives.small)
     size = archives.small.stat().st_size
     assert proxy.metric("hubproxy_upstream_bytes_total") == size
     assert proxy.metric("hubproxy_cache_bytes_served_total") == 2 * size
+
+
+def test_metrics_time_each_fetch_and_show_none_left_in_progress(proxy, origin, archives):
+    _miss_then_two_hits(proxy, origin, archives.small)
     assert proxy.metric("hubproxy_fetch_seconds_count") == 1
+    assert proxy.metric("hubproxy_flights_in_progress") == 0
 
 
 def test_index_records_what_operators_need(proxy, origin, archives):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 
-from tests.conftest import hub_load, loaded_output, run_cli
+from tests.conftest import hub_load, loaded_output, run_cli, stand_in_archive
 
 
 def _dead_upstreams() -> dict[str, str]:
@@ -17,6 +16,17 @@ def _dead_upstreams() -> dict[str, str]:
     return {name: f"http://127.0.0.1:{port}" for name in ("tfhub", "kaggle", "gcs")}
 
 
+def test_restart_clears_the_temp_files_of_interrupted_fetches(proxy_factory, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proxy_factory(cache_dir).stop()
+    leftover = cache_dir / "tmp" / "fetch-interrupted.part"
+    leftover.write_bytes(b"\x1f\x8b half an archive")
+
+    proxy_factory(cache_dir, upstreams=_dead_upstreams())
+
+    assert not leftover.exists()
+
+
 def test_restart_serves_committed_archives_without_upstream(proxy_factory, clean_origin, archives, tmp_path):
     origin = clean_origin
     model = origin.register(archives.small)
@@ -25,12 +35,9 @@ def test_restart_serves_committed_archives_without_upstream(proxy_factory, clean
     status, headers, _ = first.get(f"/{model.handle}")
     assert (status, headers["X-Cache"]) == (200, "MISS")
     first.stop()
-    leftover = cache_dir / "tmp" / "fetch-interrupted.part"
-    leftover.write_bytes(b"\x1f\x8b half an archive")
 
     restarted = proxy_factory(cache_dir, upstreams=_dead_upstreams())
 
-    assert not leftover.exists()
     status, headers, body = restarted.get(f"/{model.handle}?tf-hub-format=compressed")
     assert (status, headers["X-Cache"]) == (200, "HIT")
     assert body == archives.small.read_bytes()
@@ -39,9 +46,8 @@ def test_restart_serves_committed_archives_without_upstream(proxy_factory, clean
     assert origin.object_gets(model) == 1
 
 
-def test_upstream_down_still_serves_hits_and_explains_misses(proxy_factory, clean_origin, archives, tmp_path):
-    origin = clean_origin
-    model = origin.register(archives.small)
+def test_upstream_down_still_serves_hits(proxy_factory, clean_origin, archives, tmp_path):
+    model = clean_origin.register(archives.small)
     cache_dir = tmp_path / "cache"
     proxy_factory(cache_dir).get(f"/{model.handle}")
 
@@ -49,7 +55,13 @@ def test_upstream_down_still_serves_hits_and_explains_misses(proxy_factory, clea
 
     status, headers, _ = offline.get(f"/{model.handle}")
     assert (status, headers["X-Cache"]) == (200, "HIT")
+
+
+def test_upstream_down_explains_misses_after_bounded_retries(proxy_factory, tmp_path):
+    offline = proxy_factory(tmp_path / "cache", "--retries", "1", upstreams=_dead_upstreams())
+
     status, _, reason = offline.get("/google/never-cached/1")
+
     assert status == 502
     assert b"cannot reach upstream" in reason and b"after 2 attempts" in reason
 
@@ -57,7 +69,7 @@ def test_upstream_down_still_serves_hits_and_explains_misses(proxy_factory, clea
 def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_path):
     origin = clean_origin
     cache_dir = tmp_path / "cache"
-    kept, lost = (origin.register(_stand_in(tmp_path, name)) for name in ("kept", "lost"))
+    kept, lost = (origin.register(stand_in_archive(tmp_path / f"{name}.tar.gz", 10_002)) for name in ("kept", "lost"))
     first = proxy_factory(cache_dir)
     for model in (kept, lost):
         assert first.get(f"/{model.handle}")[0] == 200
@@ -76,9 +88,3 @@ def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_pat
     restarted.stop()
     listing = run_cli("cache", "ls", "--json", "--cache-dir", cache_dir)
     assert [entry["key"] for entry in json.loads(listing.stdout)] == [f"tfhub:/{kept.handle}"]
-
-
-def _stand_in(tmp_path, name):
-    path = tmp_path / f"{name}.tar.gz"
-    path.write_bytes(b"\x1f\x8b" + os.urandom(10_000))
-    return path

@@ -20,31 +20,57 @@ def _open(proxy: Proxy, path: str) -> tuple[http.client.HTTPConnection, http.cli
     return connection, connection.getresponse()
 
 
-def test_sixteen_cold_clients_share_one_fetch_and_stream_live(proxy, origin, archives):
-    model = origin.register(archives.padded)
-    origin.faults(model, hold_after=HOLD_AT)
-    streaming = threading.Barrier(CLIENTS + 1, timeout=120)
+def _start_clients(proxy: Proxy, model, first_bytes_then=None) -> tuple[list[threading.Thread], dict]:
+    """CLIENTS threads GETting model at once, each recording (X-Cache, sha256 of the body); with
+    first_bytes_then, each calls it once it has headers and its first body bytes."""
     outcomes: dict[int, tuple[str, str]] = {}
 
     def client(n: int) -> None:
         _, response = _open(proxy, f"/{model.handle}?tf-hub-format=compressed")
-        first_bytes = response.read(64 * 1024)  # arrives while the origin is still paused
-        streaming.wait()
+        first_bytes = response.read(64 * 1024)
+        if first_bytes_then is not None:
+            first_bytes_then()
         body = first_bytes + response.read()
         outcomes[n] = (response.headers["X-Cache"], hashlib.sha256(body).hexdigest())
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
     for thread in threads:
         thread.start()
-    streaming.wait()  # every client has headers and body bytes; the origin has not finished
+    return threads, outcomes
+
+
+def _release_and_join(origin, threads: list[threading.Thread]) -> None:
+    origin.wait_held(1)  # released before the transfer reaches the pause, it would pause for good
     origin.release()
     for thread in threads:
         thread.join(timeout=120)
+
+
+def test_sixteen_cold_clients_share_one_fetch(proxy, origin, archives):
+    model = origin.register(archives.padded)
+    origin.faults(model, hold_after=HOLD_AT)
+
+    threads, outcomes = _start_clients(proxy, model)
+    proxy.wait_for_metric("hubproxy_flight_readers", CLIENTS)  # all attached, the origin still paused
+    _release_and_join(origin, threads)
 
     expected = hashlib.sha256(archives.padded.read_bytes()).hexdigest()
     assert sorted(cache for cache, _ in outcomes.values()) == ["JOIN"] * (CLIENTS - 1) + ["MISS"]
     assert {digest for _, digest in outcomes.values()} == {expected}
     assert origin.object_gets(model) == 1
+
+
+def test_sixteen_cold_clients_stream_while_the_origin_is_still_sending(proxy, origin, archives):
+    model = origin.register(archives.padded)
+    origin.faults(model, hold_after=HOLD_AT)
+    streaming = threading.Barrier(CLIENTS + 1, timeout=120)
+
+    threads, outcomes = _start_clients(proxy, model, first_bytes_then=streaming.wait)
+    streaming.wait()  # every client has headers and body bytes; the origin has not finished
+    _release_and_join(origin, threads)
+
+    expected = hashlib.sha256(archives.padded.read_bytes()).hexdigest()
+    assert [digest for _, digest in outcomes.values()] == [expected] * CLIENTS
 
 
 def test_fetch_completes_and_is_cached_when_the_first_client_hangs_up(proxy, origin, archives):
@@ -76,6 +102,7 @@ def test_sixteen_real_hub_clients_load_from_one_fetch(proxy, origin, archives, t
     clients = [hub_load_started(handle, tmp_path / f"tfhub-{n}") for n in range(CLIENTS)]
     try:
         proxy.wait_for_metric("hubproxy_flight_readers", CLIENTS)  # all attached, the origin still paused
+        origin.wait_held(1)
         origin.release()
         results = [_finish(client) for client in clients]
     finally:

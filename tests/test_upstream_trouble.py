@@ -32,6 +32,14 @@ def test_persistent_5xx_gives_502_after_bounded_retries(proxy, origin, archives)
     assert status == 502
     assert b"503" in reason and b"after 4 attempts" in reason
     assert origin.object_gets(model) == 4
+
+
+def test_persistent_5xx_stores_nothing(proxy, origin, archives):
+    model = origin.register(archives.small)
+    origin.faults(model, status=503)
+
+    assert proxy.get(f"/{model.handle}")[0] == 502
+
     assert not any(p.is_file() for p in (proxy.cache_dir / "blobs").rglob("*"))
 
 
@@ -43,14 +51,22 @@ def test_dropped_connections_give_502_with_a_clear_message(proxy, origin, archiv
     assert b"upstream" in reason
 
 
-def test_html_instead_of_an_archive_is_refused_and_never_cached(proxy, origin, archives):
+def test_html_instead_of_an_archive_is_refused(proxy, origin, archives):
     model = origin.register(archives.small)
     origin.faults(model, html=True)
 
     status, _, reason = proxy.get(f"/{model.handle}")
+
     assert status == 502 and b"HTML" in reason
 
+
+def test_html_instead_of_an_archive_is_never_cached(proxy, origin, archives):
+    model = origin.register(archives.small)
+    origin.faults(model, html=True)
+    assert proxy.get(f"/{model.handle}")[0] == 502
+
     origin.faults(model, html=None)
+
     status, headers, body = proxy.get(f"/{model.handle}")
     assert (status, headers["X-Cache"], body) == (200, "MISS", archives.small.read_bytes())
 

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -148,7 +149,7 @@ class Ingest:
                     pending.append(batch)
                     if flight.window is None:
                         batch.write = loop.run_in_executor(writer, _write_all, write_fd, pieces)
-                        batch.write.add_done_callback(functools.partial(self._on_written, received))
+                        batch.write.add_done_callback(functools.partial(self._on_written, batch, pending))
                     else:
                         await self._hold(pieces)
                     while len(pending) > MAX_PENDING_BATCHES:
@@ -164,18 +165,18 @@ class Ingest:
             raise FetchFailed(502, "upstream sent an empty body")
 
     async def _settle(self, pending: collections.deque[_Batch]) -> None:
-        """Wait for the oldest batch to be hashed and written; a write the disk refuses turns the
-        fetch into pass-through from that batch on."""
+        """Wait for the oldest batch to be hashed and written; a write the disk refused has already
+        turned the fetch into pass-through (_on_written), which needs a reader to stream to."""
         batch = pending[0]
         await batch.hashed
         if batch.write is not None:
             try:
                 await batch.write
             except OSError as e:
-                if (reason := disk_trouble(e)) is None:
+                if disk_trouble(e) is None:
                     raise
-                self._pass_through(reason, at=batch.start, batches=pending)
-                self._require_streamers()
+        if self._flight.window is not None:
+            self._require_streamers()
         pending.popleft()
 
     def _pass_through(self, reason: str, at: int, batches) -> None:
@@ -202,11 +203,19 @@ class Ingest:
             raise FetchFailed(503, f"the cache cannot store {self._flight.key} now and no client is left "
                                    "to stream it to")
 
-    def _on_written(self, end: int, write: asyncio.Future) -> None:
-        if write.cancelled() or write.exception() is not None:
-            self._disk_failed = True  # later writes land after a short one: never trust them
-        elif not self._disk_failed:
-            self._flight.advance(end)
+    def _on_written(self, batch: _Batch, pending: collections.deque[_Batch], write: asyncio.Future) -> None:
+        """Readers follow each batch that reaches the file. The first batch the disk refuses turns the
+        fetch into pass-through at once: waiting until that batch is settled would keep the bytes
+        already in memory from the readers for as long as the origin takes to send
+        MAX_PENDING_BATCHES more (all the while it pauses)."""
+        if not write.cancelled() and write.exception() is None:
+            if not self._disk_failed:
+                self._flight.advance(batch.start + batch.size)
+            return
+        self._disk_failed = True  # later writes land after a short one: never trust them
+        reason = None if write.cancelled() else disk_trouble(write.exception())
+        if reason is not None and self._flight.window is None and self._flight.state is State.STREAMING:
+            self._pass_through(reason, at=batch.start, batches=itertools.dropwhile(lambda b: b is not batch, pending))
 
 
 async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[list[bytes]]:
