@@ -13,10 +13,11 @@ import json
 import sys
 from typing import TextIO
 
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-HANDLE_KEY = "hubproxy.handle"  # where the hub handler leaves the parsed key on the request
-BODY_BYTES_KEY = "hubproxy.body_bytes"  # archive bytes sent (sendfile bypasses aiohttp's count)
+HANDLE_KEY = web.RequestKey("hubproxy.handle", str)  # where the hub handler leaves the parsed key
+BODY_BYTES_KEY = web.RequestKey("hubproxy.body_bytes", int)  # archive bytes sent (sendfile bypasses aiohttp's count)
 FLUSH_SECONDS = 0.2
 MAX_PENDING = 512
 
