@@ -139,10 +139,10 @@ def cache_unpin(cache_dir, config_file, handles) -> None:
 
 def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
     with _cache(cache_dir, config_file) as (store, _):
-        keys_ = set_pinned(store, _patterns(handles), pinned)
-    if not keys_:
+        changed = set_pinned(store, _patterns(handles), pinned)
+    if not changed:
         fail(f"no cached entry matches {' '.join(handles)}")
-    for key in keys_:
+    for key in changed:
         click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
 
 
