@@ -1,6 +1,7 @@
 """The house's floors hold: imports only go down (cli → serve/airgap → fetch → cache → ground), the
 cache core and the air-gap tools never import aiohttp's server, the web faces never build file
-paths, handles do no I/O, and only the SavedModel loader imports tensorflow.
+paths, handles do no I/O, only the SavedModel loader and the client shim import tensorflow, and the
+shim (with the package it is imported from) pulls in no server dependency.
 
 Read from the source with ast, so a wrong import fails here before it fails anywhere else.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "hubproxy"
-GROUND = {"hubproxy", "hubproxy.config", "hubproxy.handles", "hubproxy.units", "hubproxy.metrics"}
+GROUND = {"hubproxy", "hubproxy.config", "hubproxy.handles", "hubproxy.units", "hubproxy.metrics", "hubproxy.shim"}
 FLOORS = {"cache": 1, "fetch": 2, "serve": 3, "airgap": 3, "cli": 4, "__main__": 5}
 
 
@@ -90,11 +91,31 @@ def test_handles_do_no_io():
         assert not imported.startswith(io_modules), f"handles imports {imported}"
 
 
-def test_only_the_saved_model_loader_imports_tensorflow():
-    allowed = {"hubproxy.airgap.savedmodel"}
+def test_only_the_saved_model_loader_and_the_client_shim_import_tensorflow():
+    allowed = {"hubproxy.airgap.savedmodel", "hubproxy.shim"}
     for name, path in MODULES.items():
         if name not in allowed:
             assert not any(i.startswith(("tensorflow", "tf_keras")) for i in _imports(name, path)), name
+
+
+def _reachable(name: str) -> set[str]:
+    """name and every hubproxy module it imports, directly or not."""
+    seen, todo = set(), [name]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += [i for i in _imports(module, MODULES[module]) if i in MODULES]
+    return seen
+
+
+@pytest.mark.parametrize("name", ["hubproxy", "hubproxy.shim"])
+def test_the_client_shim_pulls_in_no_server_dependency(name):
+    server_deps = ("aiohttp", "aiofiles", "diskcache", "cryptography", "click", "rich", "prometheus_client",
+                   "google_crc32c")
+    for module in _reachable(name):
+        for imported in _imports(module, MODULES[module]):
+            assert not imported.startswith(server_deps), f"{name} reaches {module}, which imports {imported}"
 
 
 def test_no_module_is_over_about_400_lines():
