@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hubproxy.tls import authority, trust
+from hubproxy.tls import leaves as leaves_module
 from hubproxy.tls.leaves import Leaves
 from tests.conftest import ROOT, _quiet_env, run_cli
 
@@ -399,3 +401,20 @@ def test_ca_dir_comes_from_the_environment_too(tmp_path):
                             timeout=600, cwd=ROOT, env=_quiet_env(HUBPROXY_CA_DIR=str(directory)))
     assert result.returncode == 0, result.stderr
     assert (directory / "ca.pem").is_file()
+
+
+
+def test_the_fallback_without_memfd_serves_the_leaf_and_leaves_no_file_behind(ca, ca_dir, tmp_path, monkeypatch):
+    """Where os.memfd_create is missing (macOS), the key goes through a private, encrypted temp file."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where that temp file is made
+    (tmp_path / "tmp").mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = leaves_module._sign(ca, "tfhub.dev", key, datetime.datetime.now(UTC) - datetime.timedelta(hours=1),
+                                      leaves_module.DEFAULT_LIFETIME)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    leaves_module._load_from_encrypted_temp_file(context, certificate.public_bytes(serialization.Encoding.PEM), key)
+
+    assert list((tmp_path / "tmp").iterdir()) == [], "the temp file is removed once loaded"
+    served, said = handshake(context, "tfhub.dev", strict_client(ca_dir / "ca.pem"))
+    assert said == b"hello" and served == certificate.public_bytes(serialization.Encoding.DER)

@@ -23,7 +23,7 @@ _OUT_HELP = "Where the bundle goes (the system trust store plus the CA)."
 
 
 def _ca_options(command):
-    command = config_option("TOML settings file (for ca_dir and allow_redirect_hosts).")(command)
+    command = config_option("TOML settings file (for ca_dir; init also reads allow_redirect_hosts).")(command)
     return setting_option("--ca-dir", "ca_dir", "The interception CA's directory (ca.pem, ca.key, trust-bundle.pem).",
                           metavar="DIR")(command)
 
