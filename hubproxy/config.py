@@ -47,6 +47,7 @@ class Settings:
     min_free: str | None = None  # evict when the disk has less free than this
     mode: str = "online"  # online | offline (never upstream)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
+    ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
 
     @property
     def listen_host(self) -> str:

@@ -1,4 +1,4 @@
-"""The house's floors hold: imports only go down (cli → serve/airgap → fetch → cache → ground), the
+"""The house's floors hold: imports only go down (cli → serve/airgap → fetch → cache/tls → ground), the
 cache core and the air-gap tools never import aiohttp's server, the web faces never build file
 paths, handles do no I/O, only the SavedModel loader and the client shim import tensorflow, and the
 shim (with the package it is imported from) pulls in no server dependency.
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "hubproxy"
 GROUND = {"hubproxy", "hubproxy.config", "hubproxy.handles", "hubproxy.units", "hubproxy.metrics", "hubproxy.shim"}
-FLOORS = {"cache": 1, "fetch": 2, "serve": 3, "airgap": 3, "cli": 4, "__main__": 5}
+FLOORS = {"cache": 1, "tls": 1, "fetch": 2, "serve": 3, "airgap": 3, "cli": 4, "__main__": 5}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""The command line: serve | warmup | tfcache | keys | bundle | cache, one module per group.
+"""The command line: serve | warmup | tfcache | keys | bundle | cache | ca, one module per group.
 
 Invariants: exit status 0 done, 1 a finding (each named), 2 the operator's error; never a
 traceback (failures.GuardedGroup is the last resort).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import bundle, cache, serve, signing, tfcache, warmup
+from . import bundle, ca, cache, serve, signing, tfcache, warmup
 from .failures import GuardedGroup
 
 
@@ -29,5 +29,5 @@ def main() -> None:
     """
 
 
-for command in (serve.serve, warmup.warmup, tfcache.group, signing.group, bundle.group, cache.group):
+for command in (serve.serve, warmup.warmup, tfcache.group, signing.group, bundle.group, cache.group, ca.group):
     main.add_command(command)
