@@ -33,6 +33,7 @@ from .upstream import Upstream
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 1024 * 1024
+BATCH_WAIT_SECONDS = 0.05  # as the readers' span delay: a paused origin still streams what it sent
 MAX_PENDING_BATCHES = 4
 # In pass-through, what one fetch may hold in memory for its slowest reader (> HOLDBACK + a batch).
 PASS_THROUGH_LIMIT = 16 * 1024 * 1024
@@ -220,10 +221,21 @@ class Ingest:
 
 async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[list[bytes]]:
     """The body as lists of received pieces totalling about `size` bytes: few thread hand-offs
-    per GB, and no copy to join them."""
+    per GB, and no copy to join them. A batch is never held back waiting to fill: when the origin
+    pauses or trickles, what arrived goes on after BATCH_WAIT_SECONDS, so readers are not kept
+    from bytes already here (the wait is armed only when nothing more is buffered)."""
     batch: list[bytes] = []
     filled = 0
-    while piece := await content.readany():
+    while True:
+        piece = content.read_nowait(size - filled) if batch else b""
+        if not piece:
+            piece = await (_readany_within(content, BATCH_WAIT_SECONDS) if batch else content.readany())
+        if piece is None:  # nothing more came in time: send on what is here
+            yield batch
+            batch, filled = [], 0
+            continue
+        if not piece:
+            break
         batch.append(piece)
         filled += len(piece)
         if filled >= size:
@@ -231,6 +243,14 @@ async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[li
             batch, filled = [], 0
     if batch:
         yield batch
+
+
+async def _readany_within(content: aiohttp.StreamReader, seconds: float) -> bytes | None:
+    try:
+        async with asyncio.timeout(seconds):
+            return await content.readany()
+    except TimeoutError:
+        return None
 
 
 def _single_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
