@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .handles import DEFAULT_UPSTREAMS, UPSTREAM_NAMES
+from .handles import DEFAULT_UPSTREAMS, KAGGLE_API, UPSTREAM_NAMES
 from .units import parse_size
 
 ENV_PREFIX = "HUBPROXY_"
@@ -48,6 +48,8 @@ class Settings:
     mode: str = "online"  # online | offline (never upstream)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
+    intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
+    tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
 
     @property
     def listen_host(self) -> str:
@@ -56,6 +58,10 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def ca_path(self) -> Path | None:
+        return None if self.ca_dir is None else Path(self.ca_dir).expanduser()
 
     @property
     def cache_path(self) -> Path:
@@ -116,9 +122,11 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     try:
         if key == "upstreams":
             return _parse_upstreams(raw)
-        if key == "allow_redirect_hosts":
+        if key in ("allow_redirect_hosts", "tunnel"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             return tuple(item.strip() for item in items if item.strip())
+        if kind == "bool":
+            return _parse_bool(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":
@@ -126,6 +134,15 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
         return str(raw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value for {key} in {source}: {e}") from None
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"expected true or false, got {str(raw)[:40]!r}")
+    return text in ("true", "1", "yes")
 
 
 def _parse_upstreams(raw: Any) -> dict[str, str]:
@@ -144,8 +161,8 @@ def _parse_upstreams(raw: Any) -> dict[str, str]:
 
 def _validate(settings: Settings) -> None:
     for name, url in settings.upstreams.items():
-        if name not in UPSTREAM_NAMES:
-            raise ConfigError(f"unknown upstream {name!r}; known: {', '.join(UPSTREAM_NAMES)}")
+        if name not in (*UPSTREAM_NAMES, KAGGLE_API):
+            raise ConfigError(f"unknown upstream {name!r}; known: {', '.join((*UPSTREAM_NAMES, KAGGLE_API))}")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"upstream {name} must be an http(s) URL, got {url!r}")
     try:
@@ -166,5 +183,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:
         raise ConfigError("admin_token must be at least 16 characters")
+    if settings.intercept and not settings.ca_dir:
+        raise ConfigError("intercept needs ca_dir: the CA its leaf certificates come from (hubproxy ca init)")
+    if settings.tunnel and not settings.intercept:
+        raise ConfigError("tunnel takes effect only with intercept, the forward proxy it is a door of")
     if settings.retries < 0 or settings.backoff_seconds < 0:
         raise ConfigError("retries and backoff_seconds must not be negative")

@@ -13,12 +13,24 @@ import urllib.parse
 from dataclasses import dataclass
 
 TFHUB, KAGGLE, GCS = "tfhub", "kaggle", "gcs"
-UPSTREAM_NAMES = (TFHUB, KAGGLE, GCS)
+UPSTREAM_NAMES = (TFHUB, KAGGLE, GCS)  # the upstreams archives (index keys) come from
+KAGGLE_API = "kaggle-api"  # kagglehub's RPCs: metadata, and the way to its files
 
 DEFAULT_UPSTREAMS = {
     TFHUB: "https://tfhub.dev",
     KAGGLE: "https://www.kaggle.com",
     GCS: "https://storage.googleapis.com",
+    KAGGLE_API: "https://api.kaggle.com",
+}
+
+# The hosts a client reaches through HTTPS_PROXY that the proxy answers itself, and the upstream
+# each one's requests belong to. Nothing else is ever intercepted.
+HUB_HOSTS = {
+    "tfhub.dev": TFHUB,
+    "www.kaggle.com": KAGGLE,
+    "kaggle.com": KAGGLE,
+    "api.kaggle.com": KAGGLE_API,
+    "storage.googleapis.com": GCS,
 }
 
 FORMAT_PARAM = "tf-hub-format"
@@ -59,13 +71,17 @@ class Handle:
         return f"{url}?{FORMAT_PARAM}={COMPRESSED}"
 
 
-def parse_request_target(raw_target: str) -> Handle:
-    """Parse an origin-form request target ("/google/x/1?tf-hub-format=compressed")."""
+def parse_request_target(raw_target: str, host: str | None = None) -> Handle:
+    """Parse an origin-form request target ("/google/x/1?tf-hub-format=compressed"). With the hub
+    host it was sent to (an intercepted request), the path must belong to that host's upstream."""
     if not raw_target.startswith("/"):
         raise BadHandle("only origin-form request targets are accepted; this is not an open proxy")
     raw_path, _, raw_query = raw_target.partition("?")
     _check_query(raw_query)
-    return Handle(upstream=route(raw_path), path=_normalise_path(raw_path))
+    handle = Handle(upstream=route(raw_path), path=_normalise_path(raw_path))
+    if host is not None and HUB_HOSTS.get(host) != handle.upstream:
+        raise BadHandle(f"{host} serves no hub archive at {handle.path[:80]}")
+    return handle
 
 
 def parse_handle_url(handle_url: str) -> Handle:

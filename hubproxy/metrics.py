@@ -41,6 +41,8 @@ class Metrics:
                                     registry=self.registry)
         self.passthrough_fetches = Counter("hubproxy_passthrough_fetches", "Archives verified and delivered to "
                                            "clients but not stored (cache unwritable).", registry=self.registry)
+        self.connects = Counter("hubproxy_connects", "Forward-proxy CONNECT requests, by what became of them "
+                                "(intercepted, tunnelled, refused).", ["outcome"], registry=self.registry)
         self.verify_failures = Counter("hubproxy_verify_failures", "Blobs found corrupt and quarantined.",
                                        registry=self.registry)
 

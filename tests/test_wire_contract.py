@@ -24,7 +24,7 @@ async def _plain(request: web.Request) -> web.StreamResponse:
     response.content_length = 100
     with open(request.app[FILE], "rb") as archive:
         await wire.start(request, response)
-        await wire.send_file(request, archive, 10, 100)
+        await wire.send_file(request, response, archive, 10, 100)
     await response.write_eof()
     return response
 
@@ -34,9 +34,9 @@ async def _chunked(request: web.Request) -> web.StreamResponse:
     response.enable_chunked_encoding()
     with open(request.app[FILE], "rb") as archive:
         await wire.start(request, response)
-        await wire.send_file_chunk(request, archive, 0, 5)
+        await wire.send_file_chunk(request, response, archive, 0, 5)
         await response.write(b"from memory")
-        await wire.send_file_chunk(request, archive, 5, 3)
+        await wire.send_file_chunk(request, response, archive, 5, 3)
     await response.write_eof()
     return response
 

@@ -9,6 +9,7 @@ import click
 from .. import __version__
 from ..config import MODES
 from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
+from ..tls.authority import CAError
 from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
 from .failures import fail, reason
 
@@ -27,12 +28,18 @@ from .failures import fail, reason
                 metavar="SIZE")
 @setting_option("--mode", "mode", "offline never contacts upstream (a miss is a 504).", "online",
                 type=click.Choice(MODES))
+@setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
+                "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
+@setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")
+@setting_option("--tunnel", "tunnel", "With --intercept: a host glob a CONNECT may reach as a plain tunnel, never "
+                "inspected. Repeatable.", multiple=True, metavar="HOST_GLOB")
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted (SIGINT or SIGTERM).
 
     \b
     Example:
       hubproxy serve --listen 0.0.0.0:8080 --cache-dir /var/cache/hubproxy --max-size 200G
+      hubproxy serve --intercept --ca-dir /etc/hubproxy/ca    # clients: eval "$(hubproxy ca env ...)"
     """
     settings = settings_or_exit(config_file, flags)
     with opened_cache(settings.cache_path, must_exist=False):
@@ -45,5 +52,7 @@ def serve(config_file, **flags) -> None:
 
     try:
         asyncio.run(serve_until_stopped(settings, announce))
+    except CAError as e:
+        fail(str(e))
     except OSError as e:
         fail(reason(e) if e.filename else f"cannot serve on {settings.listen}: {e.strerror or e}")

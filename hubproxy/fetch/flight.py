@@ -126,11 +126,13 @@ class Flight:
             self.release_window()
 
     def open_file(self) -> BinaryIO | None:
-        """A private read-only file object on the archive (for sendfile), None when the disk took
-        none of it; needs ready(); caller closes."""
+        """A private read-only file object on the archive, None when the disk took none of it; needs
+        ready(); caller closes. Private down to its own file offset (a reopen through /proc, not a
+        dup), so readers that seek and read (through TLS) never move each other; it stays readable
+        after the temp file is renamed into the store or removed."""
         if self._read_fd is None:
             return None
-        return os.fdopen(os.dup(self._read_fd), "rb", buffering=0)
+        return open(f"/proc/self/fd/{self._read_fd}", "rb", buffering=0)
 
     async def finished(self) -> Entry:
         """Wait for the fetch to end: its committed entry, or FetchFailed."""

@@ -21,13 +21,14 @@ from ..cache.store import Store
 from ..config import Settings
 from ..fetch.flights import Flights
 from ..fetch.upstream import Upstream
-from ..handles import BadHandle, parse_request_target
+from ..handles import HUB_HOSTS, BadHandle, parse_request_target
 from ..metrics import Metrics
 from ..units import parse_size
 from . import admin, browse
 from .accesslog import HANDLE_KEY
 from .components import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .hits import range_problem, serve_hit
+from .intercept import tunnel_host
 from .misses import head_upstream, serve_flight
 from .replies import MISS, X_CACHE, error
 
@@ -37,7 +38,7 @@ SERVER = "hubproxy"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 8190})
+    app = web.Application(handler_args={"max_field_size": 8190}, middlewares=[_proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
@@ -98,18 +99,47 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=registry.exposition(), headers={"Content-Type": registry.content_type})
 
 
+@web.middleware
+async def _proxied_requests_are_hub_requests(request: web.Request, handler) -> web.StreamResponse:
+    """A request for a hub host (inside an intercepted tunnel, or absolute-form through HTTP_PROXY)
+    is never the mirror's own page, metrics or admin API, whatever its path."""
+    if tunnel_host(request.transport) is not None or not request.raw_path.startswith("/"):
+        return await hub(request)
+    return await handler(request)
+
+
+def _hub_target(request: web.Request) -> tuple[str | None, str]:
+    """(the hub host the request was sent to, None on the mirror's own port; its origin-form
+    target); raises web.HTTPException with a one-line reason for what is no hub request."""
+    host = tunnel_host(request.transport)
+    if host is not None:
+        asked = (request.host or "").lower().removesuffix(":443")
+        if asked != host:
+            raise web.HTTPMisdirectedRequest(text=f"this tunnel is for {host}, not {asked[:80]!r}\n")
+        return host, request.raw_path
+    if request.raw_path.startswith("/"):
+        return None, request.raw_path
+    url = request.url
+    if not request.app[SETTINGS].intercept:
+        raise web.HTTPBadRequest(text="absolute-form request targets are refused: hubproxy is a mirror, "
+                                      "not an open proxy (serve --intercept makes it a proxy for the hub hosts)\n")
+    if url.scheme != "http" or url.host not in HUB_HOSTS or url.explicit_port not in (None, 80):
+        raise web.HTTPForbidden(text=f"{url.scheme}://{url.host}:{url.port} is not a hub host; hubproxy proxies "
+                                     f"only {', '.join(sorted(HUB_HOSTS))}\n")
+    return url.host, url.raw_path_qs
+
+
 async def hub(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return error(405, f"method {request.method} is not allowed; hub archives are read-only",
                      headers={"Allow": "GET, HEAD"})
-    if not request.raw_path.startswith("/"):
-        return error(400, "absolute-form request targets are refused: hubproxy is a mirror, not an open proxy")
-    if request.raw_path.startswith("/admin/"):
+    host, target = _hub_target(request)
+    if host is None and target.startswith("/admin/"):
         return error(404, "no such admin endpoint (or wrong method)")
     try:
-        handle = parse_request_target(request.raw_path)
+        handle = parse_request_target(target, host)
     except BadHandle as e:
-        return error(400, str(e))
+        return error(400 if host is None else 404, str(e))
     request[HANDLE_KEY] = handle.key
     problem = range_problem(request)
     if problem:

@@ -108,7 +108,7 @@ async def _send_blob(request: web.Request, entry: Entry, outcome: str, response:
     try:
         with blob:
             await wire.start(request, response)
-            await wire.send_file(request, blob, start, stop - start)
+            await wire.send_file(request, response, blob, start, stop - start)
             await response.write_eof()
     except ConnectionError:
         return response  # the client left; nothing of ours to clean up

@@ -64,7 +64,7 @@ async def _send_chunked(request: web.Request, response: web.StreamResponse, flig
         async with contextlib.aclosing(flight.spans()) as spans:
             async for start, length, data in spans:
                 if data is None:
-                    await wire.send_file_chunk(request, archive, start, length)
+                    await wire.send_file_chunk(request, response, archive, start, length)
                 else:
                     for view in data:
                         await response.write(view)  # framed as a chunk of its own, with flow control

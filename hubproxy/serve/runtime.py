@@ -12,14 +12,19 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 from typing import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
+from ..tls import authority
+from ..tls.leaves import Leaves
 from . import accesslog
 from .app import create_app
+from .components import METRICS
+from .intercept import Doors, ProxyFront
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,11 @@ def _one_line_bad_requests(record: logging.LogRecord) -> bool:
     return True
 
 
+def interception_contexts(settings: Settings) -> Callable[[str], ssl.SSLContext]:
+    """host → the TLS context that presents our leaf for it; raises authority.CAError (one line)."""
+    return Leaves(authority.load(settings.ca_path)).context_for
+
+
 def listening_socket(settings: Settings) -> socket.socket:
     """The bound, listening socket for settings.listen (port 0 picks a free one)."""
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
@@ -60,13 +70,19 @@ def listening_socket(settings: Settings) -> socket.socket:
 async def serve_until_stopped(settings: Settings, announce: Callable[[str], None]) -> None:
     """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
-    runner = web.AppRunner(create_app(settings), access_log_class=access_log.aiohttp_logger_class(),
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
                            access_log=logging.getLogger("hubproxy.access"), keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
+    listener = None
     try:
+        contexts = interception_contexts(settings) if settings.intercept else None
         sock = listening_socket(settings)
-        site = web.SockSite(runner, sock)
-        await site.start()
+        if contexts is not None:  # the same port is also a forward proxy for the hub hosts
+            doors = Doors(runner.server, contexts, settings.tunnel, app[METRICS])
+            listener = await asyncio.get_running_loop().create_server(lambda: ProxyFront(doors), sock=sock)
+        else:
+            await web.SockSite(runner, sock).start()
         host, port = sock.getsockname()[:2]
         announce(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         stop = asyncio.Event()
@@ -75,5 +91,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
         access_log.flush()

@@ -1,0 +1,187 @@
+"""The forward-proxy door (HTTPS_PROXY): a CONNECT to a hub host is answered 200 and terminated
+with TLS under a leaf from our CA, and the requests inside are served by the same aiohttp app as
+mirror requests; a CONNECT to a host the operator listed with --tunnel is a plain byte tunnel.
+
+Invariants: only a connection whose first bytes spell "CONNECT " is held here, and only until its
+request head ends; every other connection goes to aiohttp with every byte, at once. A CONNECT to
+any other host gets 403 and nothing is dialled; the head has a deadline and a size limit that
+bytes cannot extend. This module parses a CONNECT request line and nothing else of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+import ssl
+import weakref
+from typing import Callable
+
+from ..handles import HUB_HOSTS
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CONNECT = b"CONNECT "
+MAX_HEAD = 8192
+HEAD_DEADLINE_SECONDS = 30.0
+TLS_HANDSHAKE_SECONDS = 30.0
+TUNNEL_CONNECT_SECONDS = 30.0
+_REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9.-]{1,253}):([0-9]{1,5}) HTTP/1\.[01]")
+_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+# The hub host each intercepted connection's TLS transport serves (see tunnel_host).
+_TUNNEL_HOSTS: weakref.WeakKeyDictionary[asyncio.Transport, str] = weakref.WeakKeyDictionary()
+
+
+def tunnel_host(transport: asyncio.Transport | None) -> str | None:
+    """The hub host whose CONNECT this request's connection (request.transport) came through;
+    None for a plain connection to the mirror."""
+    return None if transport is None else _TUNNEL_HOSTS.get(transport)
+
+
+class Doors:
+    """What the front needs: aiohttp's protocol factory, TLS contexts for hub hosts, the tunnel
+    allowlist and the metrics that count refusals and tunnels."""
+
+    def __init__(self, http: Callable[[], asyncio.Protocol], tls_for: Callable[[str], ssl.SSLContext],
+                 tunnel_globs: tuple[str, ...], metrics: Metrics):
+        self.http = http
+        self.tls_for = tls_for
+        self.tunnel_globs = tunnel_globs
+        self.metrics = metrics
+
+    def may_tunnel(self, host: str) -> bool:
+        return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in self.tunnel_globs)
+
+
+class ProxyFront(asyncio.Protocol):
+    def __init__(self, doors: Doors):
+        self._doors = doors
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._deadline = asyncio.get_running_loop().call_later(HEAD_DEADLINE_SECONDS, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if not self._buffer.startswith(CONNECT[:len(self._buffer)]):
+            self._hand_to_aiohttp()
+            return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD:
+                self._refuse(431, "the CONNECT request head is too large")
+            return
+        self._stop_deadline()
+        head, early = self._buffer[:end], self._buffer[end + 4:]
+        self._transport.pause_reading()
+        asyncio.ensure_future(self._connect(head, early))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+
+    def _hand_to_aiohttp(self) -> None:
+        """aiohttp takes the connection from here on, starting with the bytes already read."""
+        self._stop_deadline()
+        inner = self._doors.http()
+        self._transport.set_protocol(inner)
+        inner.connection_made(self._transport)
+        inner.data_received(self._buffer)
+
+    async def _connect(self, head: bytes, early: bytes) -> None:
+        line = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
+        if line is None or b"\n" in head.replace(b"\r\n", b""):
+            self._refuse(400, "malformed CONNECT request: expected CONNECT host:port HTTP/1.1 and CRLF lines")
+            return
+        host, port = line.group(1).decode().lower().rstrip("."), int(line.group(2))
+        if host in HUB_HOSTS and port == 443:
+            await self._intercept(host, early)
+        elif self._doors.may_tunnel(host):
+            await self._tunnel(host, port, early)
+        else:
+            self._doors.metrics.connects.labels("refused").inc()
+            self._refuse(403, f"{host}:{port} is not a hub host; hubproxy intercepts only "
+                              f"{', '.join(sorted(HUB_HOSTS))} and tunnels only what --tunnel allows")
+
+    async def _intercept(self, host: str, early: bytes) -> None:
+        if early:
+            self._refuse(400, "bytes arrived before the 200 to the CONNECT; send TLS after it")
+            return
+        transport, loop = self._transport, asyncio.get_running_loop()
+        transport.write(_ESTABLISHED)
+        inner = self._doors.http()
+        try:
+            tls = await loop.start_tls(transport, inner, self._doors.tls_for(host), server_side=True,
+                                       ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("TLS with a client for %s failed: %s", host, type(e).__name__)
+            transport.abort()
+            return
+        self._doors.metrics.connects.labels("intercepted").inc()
+        _TUNNEL_HOSTS[tls] = host
+        inner.connection_made(tls)
+
+    async def _tunnel(self, host: str, port: int, early: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._transport
+        try:
+            upstream, pipe = await asyncio.wait_for(
+                loop.create_connection(lambda: _Pipe(client), host, port), TUNNEL_CONNECT_SECONDS)
+        except (OSError, asyncio.TimeoutError) as e:
+            self._refuse(502, f"cannot reach {host}:{port} for the tunnel: {type(e).__name__}")
+            return
+        self._doors.metrics.connects.labels("tunnelled").inc()
+        client.write(_ESTABLISHED)
+        if early:
+            upstream.write(early)
+        client.set_protocol(_Pipe(upstream))
+        client.resume_reading()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._stop_deadline()
+        body = reason.encode() + b"\n"
+        phrase = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+                  502: "Bad Gateway"}[status]
+        self._transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                              b"Connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+        self._transport.close()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._buffer.startswith(CONNECT) or not self._buffer:
+            self._refuse(408, "the CONNECT request head did not arrive in time")
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a plain tunnel: what arrives on this side is written to the other, and this
+    side stops reading while the other cannot take more (backpressure both ways)."""
+
+    def __init__(self, other: asyncio.Transport):
+        self._other = other
+
+    def data_received(self, data: bytes) -> None:
+        self._other.write(data)
+
+    def pause_writing(self) -> None:  # this side's buffer is full: stop reading the other side
+        self._other.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._other.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self._other.can_write_eof():
+            self._other.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._other.close()
