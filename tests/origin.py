@@ -1,8 +1,12 @@
-"""Local emulator of the TensorFlow Hub download chain: tfhub -> kaggle -> signed GCS URL.
+"""Local emulator of the TensorFlow Hub download chain: tfhub -> kaggle -> signed GCS URL, and of
+the Kaggle models API kagglehub calls (kaggle-api -> signed GCS URL of the archive or of one file).
 
-Invariants: one process, four 127.0.0.1 sites (tfhub, kaggle, gcs, canary) sharing one state;
-object bytes are streamed from disk in chunks, with headers (length, hashes) always of the good file;
-every non-control request is logged at arrival; nothing misbehaves unless a /_control/ switch says so.
+Invariants: one process, five 127.0.0.1 sites (tfhub, kaggle, kaggle-api, gcs, canary) sharing one
+state (tests/origin_state.py); object bytes are streamed from disk in chunks, with headers (length,
+hashes) always of the good file; every non-control request is logged at arrival, with its Range and
+whether it carried Authorization (never its value); nothing misbehaves unless a /_control/ switch
+says so. A model's member files (tests/origin_files.py) are objects like its archive: signed,
+expiring, ranged, and subject to the same fault switches, keyed by object name.
 """
 
 from __future__ import annotations
@@ -12,24 +16,25 @@ import asyncio
 import base64
 import calendar
 import email.utils
-import hashlib
+import functools
 import hmac
 import json
 import os
 import secrets
 import signal
+import tempfile
 import time
-import urllib.parse
-from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
-SITES = ("tfhub", "kaggle", "gcs", "canary")
+from origin_files import model_from_request
+from origin_kaggle import make_kaggle_api_app
+from origin_state import Blob, State, authorized, redirect_target, sign
+
+SITES = ("tfhub", "kaggle", "kaggle-api", "gcs", "canary")
 CHUNK_SIZE = 256 * 1024
 CONTROL_PREFIX = "/_control/"
 PUBLIC_PREFIX = "tfhub-modules/"
-MODEL_FIELDS = ("handle", "owner", "model", "framework", "variation", "version", "object", "file")
 UNSATISFIABLE = "unsatisfiable"
 SWITCHES = {
     "truncate_at", "corrupt_at", "status", "status_count", "throttle_bps",
@@ -37,154 +42,7 @@ SWITCHES = {
 }
 
 
-# ---------------------------------------------------------------- checksums
-
-try:
-    import google_crc32c
-
-    def new_crc32c():
-        return google_crc32c.Checksum()
-
-except ImportError:  # pure-Python fallback, slow but correct
-    _CRC_TABLE = []
-    for _i in range(256):
-        _c = _i
-        for _ in range(8):
-            _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-        _CRC_TABLE.append(_c)
-
-    class _PyCrc32c:
-        def __init__(self):
-            self._crc = 0xFFFFFFFF
-
-        def update(self, data):
-            crc, table = self._crc, _CRC_TABLE
-            for byte in data:
-                crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-            self._crc = crc
-
-        def digest(self):
-            return (self._crc ^ 0xFFFFFFFF).to_bytes(4, "big")
-
-    def new_crc32c():
-        return _PyCrc32c()
-
-
-def file_digests(path: str) -> tuple[str, str, int]:
-    """Return (md5 hex, crc32c base64, size), reading the file in chunks."""
-    md5, crc = hashlib.md5(), new_crc32c()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            md5.update(chunk)
-            crc.update(chunk)
-            size += len(chunk)
-    return md5.hexdigest(), base64.b64encode(crc.digest()).decode(), size
-
-
-# ---------------------------------------------------------------- state
-
-
-@dataclass
-class Model:
-    handle: str
-    owner: str
-    model: str
-    framework: str
-    variation: str
-    version: str
-    object: str
-    file: str
-    md5: str
-    crc32c: str
-    size: int
-    mtime: float
-
-    @property
-    def coords(self) -> tuple[str, ...]:
-        return (self.owner, self.model, self.framework, self.variation, self.version)
-
-    @property
-    def kaggle_download_path(self) -> str:
-        return "/api/v1/models/" + "/".join(urllib.parse.quote(p, safe="") for p in self.coords) + "/download"
-
-
-class State:
-    def __init__(self, signing_secret: str, url_ttl: int):
-        self.signing_secret = signing_secret.encode()
-        self.url_ttl = url_ttl
-        self.urls: dict[str, str] = {}
-        self.models: dict[str, Model] = {}
-        self.by_object: dict[str, Model] = {}
-        self.by_coords: dict[tuple[str, ...], Model] = {}
-        self.faults: dict[str, dict] = {}
-        self.log: list[dict] = []
-        self.clock_offset = 0.0
-        self.release_event = asyncio.Event()
-        self.held = 0
-        self.held_changed = asyncio.Condition()
-
-    def now(self) -> float:
-        return time.time() + self.clock_offset
-
-    def register(self, model: Model) -> None:
-        old = self.models.pop(model.handle, None)
-        if old is not None:
-            self.by_object.pop(old.object, None)
-            self.by_coords.pop(old.coords, None)
-        self.models[model.handle] = model
-        self.by_object[model.object] = model
-        self.by_coords[model.coords] = model
-
-    def faults_for(self, obj: str) -> dict:
-        """Merged switches: object-specific ones override the '*' ones."""
-        return {**self.faults.get("*", {}), **self.faults.get(obj, {})}
-
-    def take_status_fault(self, obj: str) -> int | None:
-        """Consume one forced status for obj, if any remains."""
-        for key in (obj, "*"):
-            switches = self.faults.get(key, {})
-            if "status" not in switches:
-                continue
-            remaining = switches.get("status_count")
-            if remaining is None:
-                return switches["status"]
-            if remaining > 0:
-                switches["status_count"] = remaining - 1
-                return switches["status"]
-        return None
-
-    def release_all(self) -> None:
-        # Held transfers wait on the old event; new holds wait on a fresh one.
-        self.release_event.set()
-        self.release_event = asyncio.Event()
-
-    def reset(self) -> None:
-        self.faults.clear()
-        self.log.clear()
-        self.clock_offset = 0.0
-        self.release_all()
-
-
 # ---------------------------------------------------------------- signing
-
-
-def sign(state: State, obj: str, date: str, expires: str) -> str:
-    message = f"{obj}\n{date}\n{expires}".encode()
-    return hmac.new(state.signing_secret, message, hashlib.sha256).hexdigest()
-
-
-def signed_gcs_url(state: State, model: Model) -> str:
-    date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.now()))
-    expires = str(state.url_ttl)
-    query = urllib.parse.urlencode({
-        "X-Goog-Algorithm": "GOOG4-HMAC-SHA256",
-        "X-Goog-Date": date,
-        "X-Goog-Expires": expires,
-        "X-Goog-SignedHeaders": "host",
-        "X-Goog-Signature": sign(state, model.object, date, expires),
-    })
-    return f"{state.urls['gcs']}/{urllib.parse.quote(model.object, safe='/')}?{query}"
 
 
 def gcs_error(status: int, code: str, message: str) -> web.Response:
@@ -264,7 +122,7 @@ def next_boundary(pos: int, stop: int, switches: dict) -> int:
     return min([stop] + [m for m in marks if isinstance(m, int) and pos < m < stop])
 
 
-async def stream_body(request, resp, state: State, model: Model, start: int, stop: int, switches: dict) -> bool:
+async def stream_body(request, resp, state: State, blob: Blob, start: int, stop: int, switches: dict) -> bool:
     """Write file bytes [start, stop) applying faults; False when the connection was cut."""
     # Fault offsets are object offsets: a ranged request only meets those inside its range.
     chunk_size = chunk_size_for(switches)
@@ -274,7 +132,7 @@ async def stream_body(request, resp, state: State, model: Model, start: int, sto
     # counts toward each chunk's share, rather than being added to a fixed sleep.
     loop = asyncio.get_running_loop()
     paced_from, paced_bytes = loop.time(), 0
-    with open(model.file, "rb") as fh:
+    with open(blob.file, "rb") as fh:
         fh.seek(start)
         pos = start
         while pos < stop:
@@ -336,7 +194,7 @@ def make_tfhub_app(state: State) -> web.Application:
 
 
 def make_kaggle_app(state: State) -> web.Application:
-    def lookup(request) -> Model:
+    def lookup(request):
         info = request.match_info
         coords = (info["owner"], info["model"], info["framework"], info["variation"], info["version"])
         model = state.by_coords.get(coords)
@@ -352,8 +210,9 @@ def make_kaggle_app(state: State) -> web.Application:
 
     async def download(request):
         model = lookup(request)
-        redirect_to = state.faults_for(model.object).get("redirect_to")
-        raise web.HTTPFound(redirect_to or signed_gcs_url(state, model))
+        if not authorized(model, request.headers.get("Authorization")):
+            raise web.HTTPUnauthorized(text="Unauthorized")
+        raise web.HTTPFound(redirect_target(state, model.archive))
 
     app = web.Application()
     app.router.add_get(
@@ -364,58 +223,59 @@ def make_kaggle_app(state: State) -> web.Application:
     return app
 
 
-def object_headers(model: Model) -> dict[str, str]:
+def object_headers(blob: Blob) -> dict[str, str]:
     return {
         "Content-Type": "application/octet-stream",
-        "ETag": f'"{model.md5}"',
-        "x-goog-hash": f"crc32c={model.crc32c},md5={base64.b64encode(bytes.fromhex(model.md5)).decode()}",
-        "x-goog-stored-content-length": str(model.size),
+        "ETag": f'"{blob.md5}"',
+        "x-goog-hash": f"crc32c={blob.crc32c},md5={base64.b64encode(bytes.fromhex(blob.md5)).decode()}",
+        "x-goog-stored-content-length": str(blob.size),
         "Accept-Ranges": "bytes",
-        "Last-Modified": email.utils.formatdate(model.mtime, usegmt=True),
+        "Last-Modified": email.utils.formatdate(blob.mtime, usegmt=True),
     }
 
 
-def make_gcs_app(state: State) -> web.Application:
-    async def get_object(request):
-        obj = request.match_info["object"]
-        switches = state.faults_for(obj)
-        if switches.get("down"):
-            return abort_connection(request)
-        denied = check_access(state, obj, request.query)
-        if denied is not None:
-            return denied
-        model = state.by_object.get(obj)
-        if model is None:
-            return gcs_error(404, "NoSuchKey", "The specified key does not exist.")
-        if request.method == "GET":
-            forced = state.take_status_fault(obj)
-            if forced is not None:
-                return web.Response(status=forced, text=f"emulated {forced}")
-        if switches.get("html"):
-            return html_page("Sign in")
-        return await serve_object(request, state, model, switches)
+async def get_object(state: State, request) -> web.StreamResponse:
+    obj = request.match_info["object"]
+    switches = state.faults_for(obj)
+    if switches.get("down"):
+        return abort_connection(request)
+    denied = check_access(state, obj, request.query)
+    if denied is not None:
+        return denied
+    blob = state.by_object.get(obj)
+    if blob is None:
+        return gcs_error(404, "NoSuchKey", "The specified key does not exist.")
+    if request.method == "GET":
+        forced = state.take_status_fault(obj)
+        if forced is not None:
+            return web.Response(status=forced, text=f"emulated {forced}")
+    if switches.get("html"):
+        return html_page("Sign in")
+    return await serve_object(request, state, blob, switches)
 
+
+def make_gcs_app(state: State) -> web.Application:
     app = web.Application()
-    app.router.add_get("/{object:.+}", get_object)
+    app.router.add_get("/{object:.+}", functools.partial(get_object, state))
     return app
 
 
-async def serve_object(request, state: State, model: Model, switches: dict) -> web.StreamResponse:
-    wanted = parse_range(request.headers.get("Range"), model.size)
+async def serve_object(request, state: State, blob: Blob, switches: dict) -> web.StreamResponse:
+    wanted = parse_range(request.headers.get("Range"), blob.size)
     if wanted == UNSATISFIABLE:
         resp = gcs_error(416, "InvalidRange", "The requested range cannot be satisfied.")
-        resp.headers["Content-Range"] = f"bytes */{model.size}"
+        resp.headers["Content-Range"] = f"bytes */{blob.size}"
         return resp
-    start, stop = wanted or (0, model.size)
-    resp = web.StreamResponse(status=206 if wanted else 200, headers=object_headers(model))
+    start, stop = wanted or (0, blob.size)
+    resp = web.StreamResponse(status=206 if wanted else 200, headers=object_headers(blob))
     if wanted:
-        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{model.size}"
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
     resp.content_length = stop - start
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
     try:
-        if await stream_body(request, resp, state, model, start, stop, switches):
+        if await stream_body(request, resp, state, blob, start, stop, switches):
             await resp.write_eof()
     except ConnectionError:
         pass  # the client went away (or we are shutting down): nothing left to answer
@@ -439,7 +299,8 @@ def add_request_log(app: web.Application, state: State, site: str) -> None:
     async def log_request(request, handler):
         if site == "tfhub" and request.path.startswith(CONTROL_PREFIX):
             return await handler(request)
-        entry = {"site": site, "method": request.method, "path": request.path, "status": None}
+        entry = {"site": site, "method": request.method, "path": request.path, "status": None,
+                 "range": request.headers.get("Range"), "authorization": "Authorization" in request.headers}
         state.log.append(entry)
         request["log_entry"] = entry
         try:
@@ -467,19 +328,13 @@ def json_error(status: int, message: str) -> web.Response:
 
 def add_control_routes(app: web.Application, state: State) -> None:
     async def register_model(request):
-        body = await request.json()
-        missing = [f for f in MODEL_FIELDS if not body.get(f)]
-        if missing:
-            return json_error(400, f"missing fields: {', '.join(missing)}")
-        path = Path(body["file"])
-        if not path.is_file():
-            return json_error(400, f"no such file: {path}")
-        md5, crc, size = await asyncio.to_thread(file_digests, str(path))
-        fields = {f: str(body[f]) for f in MODEL_FIELDS}
-        fields["handle"] = fields["handle"].strip("/")
-        fields["object"] = fields["object"].lstrip("/")
-        state.register(Model(**fields, md5=md5, crc32c=crc, size=size, mtime=path.stat().st_mtime))
-        return web.json_response({"md5": md5, "crc32c": crc, "size": size})
+        try:
+            model = await asyncio.to_thread(model_from_request, state, await request.json())
+        except ValueError as error:
+            return json_error(400, str(error))
+        state.register(model)
+        files = [{"name": name, **blob.describe()} for name, blob in sorted(model.files.items())]
+        return web.json_response({**model.archive.describe(), "files": files})
 
     async def set_faults(request):
         body = await request.json()
@@ -546,10 +401,17 @@ def write_atomically(path: str, data: dict) -> None:
 
 
 async def serve(args) -> None:
-    state = State(args.signing_secret or secrets.token_hex(16), args.url_ttl)
+    # Member files are unpacked beside the ports file, which lives in the caller's temporary space.
+    beside_ports = os.path.dirname(os.path.abspath(args.ports_file))
+    with tempfile.TemporaryDirectory(prefix="origin-files-", dir=beside_ports) as scratch:
+        await serve_sites(args, State(args.signing_secret or secrets.token_hex(16), args.url_ttl, scratch))
+
+
+async def serve_sites(args, state: State) -> None:
     factories = {
         "tfhub": make_tfhub_app,
         "kaggle": make_kaggle_app,
+        "kaggle-api": functools.partial(make_kaggle_api_app, storage=functools.partial(get_object, state)),
         "gcs": make_gcs_app,
         "canary": make_canary_app,
     }
