@@ -46,14 +46,17 @@ class Fleet:
         return sum(d.size for d in self.downloads)
 
 
-def download_many(url: str, clients: int, *, verify: bool = False) -> Fleet:
-    """`clients` curl processes fetching url at once (launched back to back)."""
+def download_many(url: str, clients: int, *, verify: bool = False, proxy: str | None = None,
+                  cacert: Path | None = None) -> Fleet:
+    """`clients` curl processes fetching url at once (launched back to back), through `proxy` (an
+    HTTPS_PROXY trusted with `cacert`) when given."""
+    through = [] if proxy is None else ["--proxy", proxy, "--cacert", str(cacert)]
     with tempfile.TemporaryDirectory(prefix="hubproxy-bench-") as scratch:
         outputs = [Path(scratch) / f"{n}.out" if verify else Path("/dev/null") for n in range(clients)]
         launched = []
         for output in outputs:
             started = time.monotonic()
-            process = subprocess.Popen(["curl", "-s", "-o", str(output), "-w", _CURL_FORMAT, url],
+            process = subprocess.Popen(["curl", "-s", *through, "-o", str(output), "-w", _CURL_FORMAT, url],
                                        stdout=subprocess.PIPE, text=True)
             launched.append((started, process))
         downloads = []

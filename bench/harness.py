@@ -57,6 +57,7 @@ class Server:
     name: str
     url: str
     pid: int
+    ca_file: Path | None = None  # the interception CA, for a server that is also an HTTPS_PROXY
 
     def pids(self) -> list[int]:
         return [self.pid, *_children(self.pid)]
@@ -104,8 +105,12 @@ def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
 
 @contextlib.contextmanager
 def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
+    """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own."""
+    ca_dir = cache_dir.parent / f"{cache_dir.name}-ca"
+    subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(ca_dir), "--force"], check=True,
+                   capture_output=True, cwd=ROOT)
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", "--intercept", "--ca-dir", str(ca_dir)]
     for name in ("tfhub", "kaggle", "gcs"):
         args += ["--upstream", f"{name}={origin_control.urls[name]}"]
     log = cache_dir.parent / f"{cache_dir.name}.log"
@@ -115,7 +120,7 @@ def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
         line = process.stdout.readline()
         if "listening on " not in line:
             raise SetupError(f"hubproxy did not start: {log.read_text()[-2000:]}")
-        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid)
+        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid, ca_dir / "ca.pem")
     finally:
         stop_process(process)
 

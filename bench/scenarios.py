@@ -142,6 +142,7 @@ def hit(ctx: Context) -> list[Metric]:
     one = Metric("HIT", f"throughput, 1 client, {_size(plan.hit_size)}", "GB/s", target=Target(">=", 1.0, NGINX))
     many = Metric("HIT", f"throughput, {plan.hit_clients} clients", "GB/s", target=Target(">=", 1.0, NGINX))
     cpu = Metric("HIT", f"server CPU per GB served, {plan.hit_clients} clients", "CPU-s/GB")
+    tls = Metric("HIT", "throughput through HTTPS_PROXY interception (TLS), 1 client", "GB/s")
     servers = [ctx.hubproxy, ctx.nginx, ctx.direct]
     for server in ctx.proxies():
         _fetch(ctx, server, path, archive, 1)  # warm: from here on every request is a hit
@@ -153,7 +154,11 @@ def hit(ctx: Context) -> list[Metric]:
             fleet = _fetch(ctx, server, path, archive, plan.hit_clients)
             many.add(server.name, fleet.total_bytes / fleet.wall / GB)
             cpu.add(server.name, (server.cpu_seconds() - before) / (fleet.total_bytes / GB))
-    return [one, many, cpu]
+        fleet = _checked(clients.download_many(f"https://storage.googleapis.com{path}", 1, verify=ctx.plan.verify,
+                                               proxy=ctx.hubproxy.url, cacert=ctx.hubproxy.ca_file),
+                         archive, ctx.plan.verify)
+        tls.add(ctx.hubproxy.name, fleet.total_bytes / fleet.wall / GB)
+    return [one, many, cpu, tls]
 
 
 # -- 2. MISS pass-through ----------------------------------------------------------------------
