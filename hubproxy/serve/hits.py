@@ -39,6 +39,11 @@ def range_problem(request: web.Request) -> str | None:
     return None
 
 
+def asks_for_range(request: web.Request) -> bool:
+    """Whether the request asks for one byte range (a well-formed one: see range_problem)."""
+    return _byte_range(request) is not None
+
+
 def _byte_range(request: web.Request) -> slice | None:
     """The one byte range asked for; None for the whole archive (no Range, another unit, several
     ranges: RFC 9110 lets a server send the whole instead). Raises ValueError when malformed."""

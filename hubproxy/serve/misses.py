@@ -3,8 +3,9 @@ one (MISS), and follows the growing archive as it arrives.
 
 Invariants: a streamed response ends with its terminating chunk only after the archive is
 verified (and committed, unless the disk refuses it), otherwise the connection is cut; HTTP/1.0
-clients, which cannot be told of a cut, get only verified, stored archives; this module asks the
-flight for spans and never builds a file path.
+clients, which cannot be told of a cut, get only verified, stored archives, and so does a request
+for a byte range, answered 206 from the committed blob (never a 200: a resuming client appends
+what it gets); this module asks the flight for spans and never builds a file path.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from ..handles import Handle
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import FLIGHTS, METRICS, SETTINGS, UPSTREAM
-from .hits import serve_hit
+from .hits import asks_for_range, serve_hit
 from .replies import JOIN, MISS, X_CACHE, error
 
 log = logging.getLogger(__name__)
 
 
 async def serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
-    # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
-    # are cut from verified blobs only.
-    streaming = request.version >= (1, 1)
+    streaming = request.version >= (1, 1) and not asks_for_range(request)
     async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle), streaming=streaming) as (
             flight, joined):
         outcome = JOIN if joined else MISS
@@ -40,7 +39,7 @@ async def serve_flight(request: web.Request, handle: Handle) -> web.StreamRespon
         except FetchFailed as e:
             return error(e.status, e.message, headers={X_CACHE: outcome})
         if not streaming:
-            return await _serve_when_committed(request, flight)
+            return await _serve_when_committed(request, flight, outcome)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
         response.enable_chunked_encoding()
         try:
@@ -71,15 +70,16 @@ async def _send_chunked(request: web.Request, response: web.StreamResponse, flig
                 request[BODY_BYTES_KEY] += length
 
 
-async def _serve_when_committed(request: web.Request, flight: Flight) -> web.StreamResponse:
-    """HTTP/1.0 has no chunked encoding to withhold the end with: such clients wait for the
-    verified archive and get it with a Content-Length, like a hit."""
+async def _serve_when_committed(request: web.Request, flight: Flight, outcome: str) -> web.StreamResponse:
+    """HTTP/1.0 has no chunked encoding to withhold the end with, and a range is cut from a
+    verified blob only: such requests wait for the committed archive and are answered like a hit
+    (Content-Length, 206 for a range)."""
     try:
         entry = await flight.finished()
     except FetchFailed as e:
-        return error(e.status, e.message, headers={X_CACHE: MISS})
-    response = await serve_hit(request, entry, outcome=MISS)
-    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: MISS})
+        return error(e.status, e.message, headers={X_CACHE: outcome})
+    response = await serve_hit(request, entry, outcome=outcome)
+    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: outcome})
 
 
 async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
