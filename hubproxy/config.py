@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .handles import DEFAULT_UPSTREAMS, KAGGLE_API, UPSTREAM_NAMES
-from .units import parse_size
+from .units import parse_duration, parse_size
 
 ENV_PREFIX = "HUBPROXY_"
 
@@ -50,6 +50,7 @@ class Settings:
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
     tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
+    kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
 
     @property
     def listen_host(self) -> str:
@@ -62,6 +63,10 @@ class Settings:
     @property
     def ca_path(self) -> Path | None:
         return None if self.ca_dir is None else Path(self.ca_dir).expanduser()
+
+    @property
+    def kaggle_metadata_ttl_seconds(self) -> float:
+        return parse_duration(self.kaggle_metadata_ttl)
 
     @property
     def cache_path(self) -> Path:
@@ -177,6 +182,10 @@ def _validate(settings: Settings) -> None:
             value is None or parse_size(value)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
+    try:
+        settings.kaggle_metadata_ttl_seconds
+    except ValueError as e:
+        raise ConfigError(f"kaggle_metadata_ttl: {e}") from None
     if settings.mode == "fallback":
         raise ConfigError("mode 'fallback' was removed: it behaved exactly as 'online'; use online (or offline)")
     if settings.mode not in MODES:

@@ -78,6 +78,18 @@ def _matches_any(if_none_match: str, sha256: str) -> bool:
     return "*" in tags or sha256 in tags
 
 
+async def serve_if_cached(request: web.Request, key: str) -> web.StreamResponse | None:
+    """The hit for key; None when it is not cached (or its blob is gone since the index said so)."""
+    store = request.app[STORE]
+    entry = store.lookup(key)
+    if entry is None:
+        return None
+    response = await serve_hit(request, entry)
+    if response is None:
+        store.forget(key)  # purged or evicted by another process since we looked
+    return response
+
+
 async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse | None:
     """The response for a cached entry; None when its blob is gone since the lookup."""
     headers = _validators(entry, outcome)

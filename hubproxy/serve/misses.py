@@ -28,9 +28,14 @@ from .replies import JOIN, MISS, X_CACHE, error
 log = logging.getLogger(__name__)
 
 
-async def serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
-    streaming = request.version >= (1, 1) and not asks_for_range(request)
-    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle), streaming=streaming) as (
+async def serve_flight(request: web.Request, key: str, url: str, *, post_json: dict | None = None,
+                       archive: bool = True, resumable: bool = False) -> web.StreamResponse:
+    """Join (or start) the flight for key, whose first hop is url (a POST of post_json when given).
+    resumable: the client may resume what it got (kagglehub), so a miss is sent with the
+    Content-Length, x-goog-hash and Accept-Ranges the origin gave, not chunked; a cut still leaves
+    it short of that length."""
+    streaming = request.version >= (1, 1) and request.method != "HEAD" and not asks_for_range(request)
+    async with request.app[FLIGHTS].join(key, url, streaming=streaming, post_json=post_json, archive=archive) as (
             flight, joined):
         outcome = JOIN if joined else MISS
         request.app[METRICS].requests.labels(outcome).inc()
@@ -41,29 +46,42 @@ async def serve_flight(request: web.Request, handle: Handle) -> web.StreamRespon
         if not streaming:
             return await _serve_when_committed(request, flight, outcome)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
-        response.enable_chunked_encoding()
+        chunked = not resumable or flight.evidence.content_length is None
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            _announce_length(response, flight.evidence)
         try:
             await wire.start(request, response)
-            await _send_chunked(request, response, flight)
+            await _send_spans(request, response, flight, chunked)
             await response.write_eof()
         except FetchFailed as e:
-            log.warning("cutting %s short for a client: %s", handle.key, e.message)
+            log.warning("cutting %s short for a client: %s", key, e.message)
             wire.cut(request)
         except ConnectionError:
-            log.info("client left during %s; the fetch goes on", handle.key)
+            log.info("client left during %s; the fetch goes on", key)
         return response
 
 
-async def _send_chunked(request: web.Request, response: web.StreamResponse, flight: Flight) -> None:
-    """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
-    through Python), or written from memory when the fetch is passing through. The terminating
-    chunk is left to the caller: it is the promise of a complete, verified archive."""
+def _announce_length(response: web.StreamResponse, evidence: Evidence) -> None:
+    response.content_length = evidence.content_length
+    response.headers["Accept-Ranges"] = "bytes"
+    if evidence.x_goog_hash is not None:
+        response.headers["x-goog-hash"] = evidence.x_goog_hash
+
+
+async def _send_spans(request: web.Request, response: web.StreamResponse, flight: Flight, chunked: bool) -> None:
+    """Each span of the growing archive (one chunk of its own when chunked), its bytes sent with
+    sendfile (no copies through Python), or written from memory when the fetch is passing through.
+    The end (the terminating chunk, or the last bytes of a Content-Length) is the promise of a
+    complete, verified archive: spans withhold it until then."""
     request[BODY_BYTES_KEY] = 0
+    send = wire.send_file_chunk if chunked else wire.send_file
     with flight.open_file() or contextlib.nullcontext() as archive:
         async with contextlib.aclosing(flight.spans()) as spans:
             async for start, length, data in spans:
                 if data is None:
-                    await wire.send_file_chunk(request, response, archive, start, length)
+                    await send(request, response, archive, start, length)
                 else:
                     for view in data:
                         await response.write(view)  # framed as a chunk of its own, with flow control
@@ -85,7 +103,7 @@ async def _serve_when_committed(request: web.Request, flight: Flight, outcome: s
 async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
     request.app[METRICS].requests.labels(MISS).inc()
     try:
-        upstream_response = await request.app[UPSTREAM].open(_upstream_url(request, handle), method="HEAD")
+        upstream_response = await request.app[UPSTREAM].open(upstream_url(request, handle), method="HEAD")
     except FetchFailed as e:
         return error(e.status, e.message, headers={X_CACHE: MISS})
     with contextlib.closing(upstream_response):
@@ -96,5 +114,6 @@ async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
     return web.Response(status=200, headers=headers)
 
 
-def _upstream_url(request: web.Request, handle: Handle) -> str:
+def upstream_url(request: web.Request, handle: Handle) -> str:
+    """Where a handle's archive is fetched from (its upstream's configured base URL)."""
     return handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
