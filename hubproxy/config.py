@@ -20,7 +20,9 @@ ENV_PREFIX = "HUBPROXY_"
 
 # The hosts today's chain redirects through: tfhub.dev → Kaggle → signed Google Cloud Storage URL.
 DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.com")
-MODES = ("online", "offline")
+# online: upstream when needed; offline: never upstream; fallback: online, but kagglehub's metadata is
+# answered from its stored copy when upstream fails (archives and files need no fallback: a hit never asks)
+MODES = ("online", "offline", "fallback")
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,7 @@ class Settings:
     log_level: str = "INFO"
     max_size: str | None = None  # evict least recently used above this (e.g. "200G")
     min_free: str | None = None  # evict when the disk has less free than this
-    mode: str = "online"  # online | offline (never upstream)
+    mode: str = "online"  # online | offline (never upstream) | fallback (stored metadata when upstream fails)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
@@ -186,8 +188,6 @@ def _validate(settings: Settings) -> None:
         settings.kaggle_metadata_ttl_seconds
     except ValueError as e:
         raise ConfigError(f"kaggle_metadata_ttl: {e}") from None
-    if settings.mode == "fallback":
-        raise ConfigError("mode 'fallback' was removed: it behaved exactly as 'online'; use online (or offline)")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:

@@ -165,6 +165,25 @@ def test_offline_mode_answers_from_stored_metadata_and_cached_files(proxy_factor
     assert unknown.status_code == 504 and "google/never-seen/tensorFlow2/default" in unknown.json()["message"]
 
 
+@pytest.mark.parametrize("mode, status, outcome", [("fallback", 200, "STALE"), ("online", 502, "MISS")])
+def test_fallback_answers_from_the_stored_copy_when_upstream_fails_and_online_does_not(
+        proxy_factory, clean_origin, archive, tmp_path, mode, status, outcome):
+    model = clean_origin.register(archive)
+    body = {**INSTANCE, "modelSlug": model.model}
+    first = proxy_factory(tmp_path / "cache", upstreams=_upstreams(clean_origin))
+    stored = rpc(first.url, "GetModelInstance", body)
+    first.stop()
+    down = {**_upstreams(clean_origin), "kaggle-api": "http://127.0.0.1:9"}  # nothing listens there
+    later = proxy_factory(tmp_path / "cache", "--mode", mode, "--kaggle-metadata-ttl", "0s", "--retries", "0",
+                          upstreams=down)
+
+    answer = rpc(later.url, "GetModelInstance", body)
+
+    assert stored.status_code == 200 and stored.json()["versionNumber"] == 1
+    assert (answer.status_code, answer.headers["X-Cache"]) == (status, outcome)
+    assert answer.json() == stored.json() if mode == "fallback" else "cannot reach upstream" in answer.json()["message"]
+
+
 def test_a_private_models_token_passes_through_and_nothing_of_it_is_stored(mirror, clean_origin, archive, members,
                                                                            ca, tmp_path):
     model = clean_origin.register(archive, private=True)
