@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from tests import test_interception, test_origin_kaggle_api
-from tests.test_origin_kaggle_api import BIG, MEMBERS, RPC_PATH, downloaded, kagglehub_process, md5s
+from tests.test_origin_kaggle_api import (BIG, MEMBERS, RPC_PATH, download_location, downloaded, kagglehub_process,
+                                          md5s)
 
 # Fixtures shared with the tests of interception and of the emulator's Kaggle API.
 ca = test_interception.ca
@@ -196,6 +197,26 @@ def test_a_private_models_token_passes_through_and_nothing_of_it_is_stored(mirro
     _assert_never_written(model.token, mirror, tmp_path / "cache")
     stored = [p for folder in ("blobs", "metadata") for p in (tmp_path / "cache" / folder).rglob("*") if p.is_file()]
     assert stored == [], "nothing of a private model is stored"
+
+
+def test_a_private_models_signed_storage_url_through_the_proxy_is_relayed_and_not_stored(
+        mirror, clean_origin, archive, members, ca, tmp_path):
+    """Real Kaggle hands out https://storage.googleapis.com URLs, which kagglehub fetches through the
+    same HTTPS_PROXY: the mirror relays them as they are (signature kept), and stores nothing."""
+    model = clean_origin.register(archive, private=True)
+    for path in model.files:
+        signed = download_location(clean_origin, model, path, Authorization=model.authorization())
+        clean_origin.faults(model, path, redirect_to=signed.replace(clean_origin.urls["gcs"],
+                                                                    "https://storage.googleapis.com"))
+
+    files = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh", KAGGLE_API_TOKEN=model.token))
+
+    assert files == md5s(members)
+    assert sorted(g["status"] for g in clean_origin.storage_gets(model)) == [200] * len(MEMBERS)
+    assert mirror.metric("hubproxy_connects_total", outcome="intercepted") >= 2
+    _assert_never_written(model.token, mirror, tmp_path / "cache")
+    stored = [p for folder in ("blobs", "metadata") for p in (tmp_path / "cache" / folder).rglob("*") if p.is_file()]
+    assert stored == []
 
 
 def test_a_token_for_a_public_model_is_served_from_the_cache(mirror, clean_origin, archive, members, ca, tmp_path):

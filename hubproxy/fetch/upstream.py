@@ -104,6 +104,15 @@ class Upstream:
         headers = {} if authorization is None else {"Authorization": authorization}
         return await self._retrying(lambda: self._call_once(url, json, headers))
 
+    async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
+        """One GET of url as it is (its query kept), answered with any status, no redirect
+        followed, nothing retried (a relayed request); caller closes it."""
+        self._policy.check(url)
+        try:
+            return await self._request("GET", url, headers=headers)
+        except _Transient as trouble:
+            raise FetchFailed(trouble.status, trouble.message) from None
+
     async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
         attempts = self._settings.retries + 1
         delay = self._settings.backoff_seconds

@@ -22,10 +22,10 @@ from ..cache.store import Store
 from ..config import Settings
 from ..fetch.flights import Flights
 from ..fetch.upstream import Upstream
-from ..handles import FILES_PATH, HUB_HOSTS, KAGGLE_API, BadHandle, parse_request_target
+from ..handles import FILES_PATH, GCS, HUB_HOSTS, KAGGLE_API, BadHandle, parse_request_target
 from ..metrics import Metrics
 from ..units import parse_size
-from . import admin, browse, kaggle_api, kaggle_files
+from . import admin, browse, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .hits import range_problem, serve_if_cached
@@ -114,6 +114,8 @@ async def _proxied_requests_are_hub_requests(request: web.Request, handler) -> w
         host, target = _hub_target(request)
         if HUB_HOSTS[host] == KAGGLE_API:
             return await _kaggle_api_request(request, target)
+        if HUB_HOSTS[host] == GCS and relay.is_signed(target):
+            return await relay.relay(request, target)
         return await hub(request)
     return await handler(request)
 

@@ -32,12 +32,11 @@ from .intercept import tunnel_host
 from .jsonbody import BadBody
 from .kagglebody import DOWNLOAD, FIELDS, GET_INSTANCE, LIST_FILES, SERVICE_PATH, Call, read_call
 from .kagglecreds import REFUSALS
-from .replies import HIT, MISS, X_CACHE
+from .replies import HIT, MISS, PASSED, STALE, X_CACHE
 
 log = logging.getLogger(__name__)
 
 ROUTE = SERVICE_PATH + "{rpc}"
-STALE, PASSED = "STALE", "PASS"  # X-Cache of a stored copy for a failing upstream; of a passed-through answer
 
 
 def rpc_error(status: int, message: str, headers: dict | None = None) -> web.Response:
