@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,10 @@ def rpc(base_url: str, name: str, body: dict, **headers: str) -> requests.Respon
     return requests.post(base_url + RPC_PATH + name, json=body, headers=headers, allow_redirects=False, timeout=60)
 
 
+def file_url(mirror, model, path: str = BIG) -> str:
+    return f"{mirror.url}/hubproxy/v1/files/google/{model.model}/tensorFlow2/default/{model.version}/{path}"
+
+
 def test_kagglehub_downloads_a_version_through_https_proxy_and_a_second_client_costs_no_storage_get(
         mirror, clean_origin, archive, members, ca, tmp_path):
     model = clean_origin.register(archive)
@@ -85,14 +90,46 @@ def test_the_redirect_names_the_mirror_never_the_signed_url(mirror, clean_origin
 
     assert answer.status_code == 302
     location = answer.headers["Location"]
-    assert location == f"{mirror.url}/hubproxy/v1/files/google/{model.model}/tensorFlow2/default/1/{BIG}"
+    assert location == file_url(mirror, model)
     assert clean_origin.urls["gcs"] not in location and "Signature" not in location
-    miss = requests.get(location, timeout=60)
+    miss = requests.get(location, timeout=60)  # a plain HTTP client on the mirror's port
     hit = requests.get(location, headers={"Range": "bytes=1000-"}, timeout=60)
     assert (miss.status_code, miss.headers["X-Cache"], miss.content) == (200, "MISS", members[BIG])
     assert miss.headers["Content-Length"] == str(len(members[BIG])) and miss.headers["Accept-Ranges"] == "bytes"
     assert (hit.status_code, hit.headers["X-Cache"], hit.content) == (206, "HIT", members[BIG][1000:])
     assert len(clean_origin.storage_gets(model, BIG)) == 1
+
+
+def test_clients_asking_for_one_file_at_once_cost_one_storage_get(mirror, clean_origin, archive, members):
+    model = clean_origin.register(archive)
+    clean_origin.faults(model, BIG, hold_after=1_000_000)
+    bodies = []
+    clients = [threading.Thread(target=lambda: bodies.append(requests.get(file_url(mirror, model), timeout=120)))
+               for _ in range(3)]
+    for client in clients:
+        client.start()
+    mirror.wait_for_metric("hubproxy_flight_readers", 3)
+    clean_origin.wait_held(1)
+    clean_origin.release()
+    for client in clients:
+        client.join(timeout=120)
+
+    assert sorted(b.headers["X-Cache"] for b in bodies) == ["JOIN", "JOIN", "MISS"]
+    assert {b.content for b in bodies} == {members[BIG]}
+    assert len(clean_origin.storage_gets(model, BIG)) == 1
+
+
+def test_a_file_that_does_not_match_its_x_goog_hash_is_cut_and_never_stored(mirror, clean_origin, archive, members):
+    model = clean_origin.register(archive)
+    clean_origin.faults(model, BIG, corrupt_at=1_500_000)
+
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(file_url(mirror, model), timeout=60)
+    clean_origin.faults(model, BIG, corrupt_at=None)
+    again = requests.get(file_url(mirror, model), timeout=60)
+
+    assert (again.headers["X-Cache"], again.content) == ("MISS", members[BIG])
+    assert len(clean_origin.storage_gets(model, BIG)) == 2, "the corrupt copy was not kept"
 
 
 @pytest.fixture
@@ -274,3 +311,21 @@ def test_unknown_rpcs_and_paths_on_api_kaggle_com_are_404s(mirror, clean_origin,
         status, _, body = _through_tunnel(mirror, "api.kaggle.com", path, ca, method=method)
         assert status in (400, 404) and b"hubproxy_" not in body, path
     assert clean_origin.rpcs() == []
+
+
+@pytest.mark.parametrize("named", ["{key}", "kaggle-file:/google/{model}/*"])
+def test_the_admin_api_purges_kagglehubs_files_by_key_or_glob(proxy_factory, clean_origin, archive, members,
+                                                              tmp_path, named):
+    config = tmp_path / "hubproxy.toml"
+    config.write_text('admin_token = "s3cret-admin-token-0123456789"\n')
+    mirror = proxy_factory(tmp_path / "cache", "--config", config, upstreams=_upstreams(clean_origin))
+    model = clean_origin.register(archive)
+    assert requests.get(file_url(mirror, model), timeout=60).headers["X-Cache"] == "MISS"
+    key = f"kaggle-file:/google/{model.model}/tensorFlow2/default/1/{BIG}"
+
+    purged = requests.post(mirror.url + "/admin/purge", json={"handles": [named.format(key=key, model=model.model)]},
+                           headers={"Authorization": "Bearer s3cret-admin-token-0123456789"}, timeout=60)
+
+    assert purged.status_code == 200, purged.text
+    assert purged.json()["removed"] == [key]
+    assert requests.get(file_url(mirror, model), timeout=60).headers["X-Cache"] == "MISS"

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..cache import plans
-from ..handles import UPSTREAM_NAMES, BadHandle, handle_from_key, parse_request_target
+from ..handles import FILES_PATH, KAGGLE_FILE, UPSTREAM_NAMES, BadHandle, handle_from_key, parse_kaggle_file, \
+    parse_request_target
 from ..units import parse_duration, parse_size
 from .jsonbody import BadBody, kind, read_object, refuse_unknown, sized
 
@@ -29,7 +30,8 @@ MAX_VALUE_CHARS = 64
 
 _GLOB_CHARS = "*?["
 _GLOB = re.compile(r"[A-Za-z0-9._\-/:*?\[\]!]+")
-_GLOB_STARTS = ("/", *_GLOB_CHARS, *(f"{name}:" for name in UPSTREAM_NAMES))
+_KEY_KINDS = (*UPSTREAM_NAMES, KAGGLE_FILE)  # what index keys begin with: archives' upstreams, kagglehub's files
+_GLOB_STARTS = ("/", *_GLOB_CHARS, *(f"{name}:" for name in _KEY_KINDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +109,10 @@ def _literal(pattern: str) -> str:
     if not colon:
         raise BadHandle(f"{pattern[:60]!r} is neither a handle URL (https://tfhub.dev/…), an index key (tfhub:/…), "
                         "a mirror path (/…) nor a glob of them")
+    if upstream == KAGGLE_FILE:
+        return parse_kaggle_file(FILES_PATH + pattern.partition(":")[2]).key
     if upstream not in UPSTREAM_NAMES:
-        raise BadHandle(f"{upstream[:20]!r} is no upstream; keys begin {', '.join(n + ':/' for n in UPSTREAM_NAMES)}")
+        raise BadHandle(f"{upstream[:20]!r} is no upstream; keys begin {', '.join(n + ':/' for n in _KEY_KINDS)}")
     return handle_from_key(pattern).key
 
 
