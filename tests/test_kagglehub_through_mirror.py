@@ -329,3 +329,12 @@ def test_the_admin_api_purges_kagglehubs_files_by_key_or_glob(proxy_factory, cle
     assert purged.status_code == 200, purged.text
     assert purged.json()["removed"] == [key]
     assert requests.get(file_url(mirror, model), timeout=60).headers["X-Cache"] == "MISS"
+
+
+def test_the_browse_page_links_a_kagglehub_file_to_its_own_url(mirror, clean_origin, archive):
+    model = clean_origin.register(archive)
+    assert requests.get(file_url(mirror, model), timeout=60).status_code == 200
+
+    page = requests.get(mirror.url + "/", timeout=60).text
+
+    assert f"<code>{file_url(mirror, model)}</code>" in page

@@ -1,5 +1,7 @@
 """The aiohttp application: its routes and the lifecycle of its components (store, upstream
-client, flights, housekeeping), and the dispatch of a hub request to a hit or a flight.
+client, flights, metadata, housekeeping), and the dispatch of a hub request to a hit or a flight;
+a request on its way to api.kaggle.com goes to kagglehub's face (kaggle_api, kaggle_files), a
+signed storage URL to the relay.
 
 Invariants: a request for a cached archive is a hit and never contacts upstream; in offline mode
 nothing ever does; components open before the first request and close after the last, in
