@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .handles import DEFAULT_UPSTREAMS, KAGGLE_API, UPSTREAM_NAMES
-from .units import parse_size
+from .units import parse_duration, parse_size
 
 ENV_PREFIX = "HUBPROXY_"
 
 # The hosts today's chain redirects through: tfhub.dev → Kaggle → signed Google Cloud Storage URL.
 DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.com")
-MODES = ("online", "offline")
+# online: upstream when needed; offline: never upstream; fallback: online, but kagglehub's metadata is
+# answered from its stored copy when upstream fails (archives and files need no fallback: a hit never asks)
+MODES = ("online", "offline", "fallback")
 
 
 class ConfigError(ValueError):
@@ -45,11 +47,12 @@ class Settings:
     log_level: str = "INFO"
     max_size: str | None = None  # evict least recently used above this (e.g. "200G")
     min_free: str | None = None  # evict when the disk has less free than this
-    mode: str = "online"  # online | offline (never upstream)
+    mode: str = "online"  # online | offline (never upstream) | fallback (stored metadata when upstream fails)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
     tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
+    kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
 
     @property
     def listen_host(self) -> str:
@@ -62,6 +65,10 @@ class Settings:
     @property
     def ca_path(self) -> Path | None:
         return None if self.ca_dir is None else Path(self.ca_dir).expanduser()
+
+    @property
+    def kaggle_metadata_ttl_seconds(self) -> float:
+        return parse_duration(self.kaggle_metadata_ttl)
 
     @property
     def cache_path(self) -> Path:
@@ -177,8 +184,10 @@ def _validate(settings: Settings) -> None:
             value is None or parse_size(value)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
-    if settings.mode == "fallback":
-        raise ConfigError("mode 'fallback' was removed: it behaved exactly as 'online'; use online (or offline)")
+    try:
+        settings.kaggle_metadata_ttl_seconds
+    except ValueError as e:
+        raise ConfigError(f"kaggle_metadata_ttl: {e}") from None
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:

@@ -132,13 +132,15 @@ def test_malformed_sizes_and_durations_are_refused(bad):
         parse_duration(bad)
 
 
-def test_mode_fallback_is_gone_with_a_reason(tmp_path):
-    """`fallback` behaved exactly like `online`; a setting still naming it is refused, saying so."""
+def test_mode_fallback_is_a_mode_again(tmp_path):
+    """`fallback` answers kagglehub's metadata from the stored copy when upstream fails (see
+    tests/test_kagglehub_through_mirror.py); a TOML key, a variable and the flag all take it."""
     toml = tmp_path / "hubproxy.toml"
     toml.write_text('mode = "fallback"\n')
     for kwargs in ({"config_file": toml, "environ": {}}, {"environ": {"HUBPROXY_MODE": "fallback"}}):
-        with pytest.raises(ConfigError, match="fallback.*removed.*online"):
-            load_settings(**kwargs)
-    flag = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--mode", "fallback"],
-                          capture_output=True, text=True, timeout=60)
-    assert flag.returncode == 2 and "'fallback' is not one of 'online', 'offline'" in flag.stderr
+        assert load_settings(**kwargs).mode == "fallback"
+    flag = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert "online|offline|fallback" in flag.stdout.replace("\n", "")
+    with pytest.raises(ConfigError, match="mode must be one of online, offline, fallback"):
+        load_settings(environ={"HUBPROXY_MODE": "sometimes"})

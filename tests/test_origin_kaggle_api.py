@@ -112,10 +112,16 @@ def b64_md5(data: bytes) -> str:
 def run_kagglehub(origin: Origin, handle: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
     """kagglehub.model_download in its own process, sent to the emulator: kagglesdk's LOCALHOST
     environment reached through HTTP_PROXY, which requests keeps across the storage redirect."""
+    return kagglehub_process(handle, cache, KAGGLE_API_ENVIRONMENT="LOCALHOST", HTTP_PROXY=origin.urls["kaggle-api"],
+                             **env)
+
+
+def kagglehub_process(handle: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    """kagglehub.model_download(handle) in its own process, with KAGGLEHUB_CACHE=cache, no proxy
+    and no Kaggle setting of ours but `env`."""
     clean = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("KAGGLE")}
     clean.update(HOME=str(cache.parent), KAGGLE_CONFIG_DIR=str(cache.parent / "kaggle-config"),
-                 KAGGLEHUB_CACHE=str(cache), KAGGLE_API_ENVIRONMENT="LOCALHOST",
-                 HTTP_PROXY=origin.urls["kaggle-api"], NO_PROXY="", **env)
+                 KAGGLEHUB_CACHE=str(cache), NO_PROXY="", **env)
     return subprocess.run([sys.executable, str(TESTS / "kagglehub_client.py"), handle], capture_output=True,
                           text=True, timeout=300, env=clean)
 

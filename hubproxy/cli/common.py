@@ -84,7 +84,8 @@ def upstream_options(command):
     """--config, --upstream and --allow-redirect-host, for commands that may fetch from upstream."""
     for option in reversed([
         config_option(),
-        setting_option("--upstream", "upstreams", "Upstream base URL, NAME one of tfhub, kaggle, gcs. Repeatable.",
+        setting_option("--upstream", "upstreams",
+                       "Upstream base URL, NAME one of tfhub, kaggle, gcs, kaggle-api. Repeatable.",
                        multiple=True, metavar="NAME=URL"),
         setting_option("--allow-redirect-host", "allow_redirect_hosts",
                        "A host upstream redirects may lead to. Repeatable; replaces the default list.",

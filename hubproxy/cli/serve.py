@@ -26,8 +26,12 @@ from .failures import fail, reason
 @setting_option("--max-size", "max_size", "Evict least recently used entries above SIZE (200G).", metavar="SIZE")
 @setting_option("--min-free", "min_free", "Evict when the cache's disk has less than SIZE free (20G).",
                 metavar="SIZE")
-@setting_option("--mode", "mode", "offline never contacts upstream (a miss is a 504).", "online",
+@setting_option("--mode", "mode", "offline never contacts upstream (a miss is a 504); fallback answers kagglehub's "
+                "metadata from its stored copy when upstream fails.", "online",
                 type=click.Choice(MODES))
+@setting_option("--kaggle-metadata-ttl", "kaggle_metadata_ttl", "How long kagglehub's latest-version answers "
+                "(GetModelInstance) are reused before upstream is asked again; a unit is required (10m, 1h).", "10m",
+                metavar="DURATION")
 @setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
                 "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
 @setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")

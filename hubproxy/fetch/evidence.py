@@ -2,8 +2,8 @@
 digests computed while they arrive, and the checks of one against the other.
 
 Invariants: sha256 is always computed (it names the blob); a fetch with neither a length nor a
-checksum, or whose body is not a gzip archive, is refused; a check either passes or raises
-FetchFailed(502) naming what did not match.
+checksum, an archive whose body is not gzip, or a file without a checksum, is refused; a check
+either passes or raises FetchFailed(502) naming what did not match.
 """
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ class Evidence:
         )
 
 
+    @property
+    def x_goog_hash(self) -> str | None:
+        """The checksums as an x-goog-hash header value, for a client that checks them itself."""
+        parts = []
+        if self.crc32c is not None:
+            parts.append("crc32c=" + base64.b64encode(self.crc32c.to_bytes(4, "big")).decode())
+        if self.md5 is not None:
+            parts.append("md5=" + base64.b64encode(self.md5).decode())
+        return ",".join(parts) or None
+
+
 def _b64(text: str) -> bytes | None:
     try:
         return base64.b64decode(text, validate=True)
@@ -87,10 +98,13 @@ class Digests:
         return None
 
 
-def refuse_unverifiable(evidence: Evidence) -> None:
-    """Before the body: refuse what we could never vouch for."""
-    if evidence.content_type.split(";")[0].strip().lower() == "text/html":
+def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
+    """Before the body: refuse what we could never vouch for. An archive is checked for its gzip
+    start too; a file (kagglehub's) has no magic to check, so its checksum is required."""
+    if archive and evidence.content_type.split(";")[0].strip().lower() == "text/html":
         raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
+    if not archive and evidence.md5 is None and evidence.crc32c is None:
+        raise FetchFailed(502, "upstream sent a file without an x-goog-hash checksum; refusing to vouch for it")
     if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None:
         raise FetchFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
 

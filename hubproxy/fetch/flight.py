@@ -42,9 +42,11 @@ ENDED = (State.COMMITTED, State.PASSED, State.FAILED)
 
 
 class Flight:
-    def __init__(self, key: str, url: str):
+    def __init__(self, key: str, url: str, post_json: dict | None = None, archive: bool = True):
         self.key = key
         self.url = url
+        self.post_json = post_json  # the first hop is a POST of it (see Upstream.open)
+        self.archive = archive  # a gzip archive, checked as one; else a file, which must carry a checksum
         self.state = State.CONNECTING
         self.evidence: Evidence | None = None
         self.entry: Entry | None = None

@@ -35,14 +35,17 @@ class Flights:
         return set(self._active)
 
     @contextlib.asynccontextmanager
-    async def join(self, key: str, url: str, *, streaming: bool = True) -> AsyncIterator[tuple[Flight, bool]]:
+    async def join(self, key: str, url: str, *, streaming: bool = True, post_json: dict | None = None,
+                   archive: bool = True) -> AsyncIterator[tuple[Flight, bool]]:
         """Attach to the fetch for key, starting it if none runs (or the running one can no longer
         give a newcomer every byte); yields (flight, joined_existing). A streaming reader must
-        follow flight.spans(); others wait for flight.finished()."""
+        follow flight.spans(); others wait for flight.finished(). A new flight's first hop is a
+        POST of post_json when given; archive=False fetches a file (no gzip check, a checksum
+        required)."""
         flight = self._active.get(key)
         joined = flight is not None and flight.joinable
         if not joined:
-            flight = self._start(key, url)
+            flight = self._start(key, url, post_json, archive)
         flight.attach(streaming)
         self._metrics.flight_readers.inc()
         try:
@@ -51,8 +54,8 @@ class Flights:
             flight.detach(streaming)
             self._metrics.flight_readers.dec()
 
-    def _start(self, key: str, url: str) -> Flight:
-        flight = Flight(key, url)
+    def _start(self, key: str, url: str, post_json: dict | None, archive: bool) -> Flight:
+        flight = Flight(key, url, post_json, archive)
         flight.on_end = self._ended
         self._active[key] = flight
         ingest = Ingest(flight, self._store, self._upstream, self.health)

@@ -66,11 +66,11 @@ class Ingest:
         flight, write_fd = self._flight, None
         state, entry, error = State.FAILED, None, None
         try:
-            response = await self._upstream.open(flight.url)
+            response = await self._upstream.open(flight.url, json=flight.post_json)
             with contextlib.closing(response):
                 source = strip_query(str(response.url))  # the final hop, without its signature
                 flight.evidence = Evidence.from_headers(response.headers)
-                refuse_unverifiable(flight.evidence)
+                refuse_unverifiable(flight.evidence, archive=flight.archive)
                 write_fd = self._open_temp()
                 digests = Digests(flight.evidence)
                 await self._stream(response, write_fd, digests)
@@ -143,7 +143,8 @@ class Ingest:
             try:
                 async for pieces in _batches(response.content, BATCH_SIZE):
                     if flight.state is State.CONNECTING:
-                        check_archive_start(b"".join(pieces[:2]))
+                        if flight.archive:
+                            check_archive_start(b"".join(pieces[:2]))
                         flight.streaming()
                     batch = _Batch(received, pieces, loop.run_in_executor(hasher, digests.update_all, pieces))
                     received += batch.size
@@ -163,7 +164,9 @@ class Ingest:
         if flight.window is None:
             flight.advance(received)  # the last callbacks may not have run yet
         if flight.state is State.CONNECTING:
-            raise FetchFailed(502, "upstream sent an empty body")
+            if flight.archive:
+                raise FetchFailed(502, "upstream sent an empty body")
+            flight.streaming()  # an empty file, which its length and checksum vouch for
 
     async def _settle(self, pending: collections.deque[_Batch]) -> None:
         """Wait for the oldest batch to be hashed and written; a write the disk refused has already

@@ -1,8 +1,11 @@
-"""Upstream fetches: follow tfhub.dev → Kaggle → signed GCS redirects by hand, with retries.
+"""Upstream fetches: follow tfhub.dev → Kaggle → signed GCS redirects by hand, with retries; and
+single JSON calls (kagglehub's RPCs) answered as they are.
 
 Invariants: no request ever goes to a host that is neither a configured upstream nor on the
 redirect allowlist (checked before each hop, https never downgraded); bodies are never
-decompressed; signed URLs (their query strings) never appear in errors or logs.
+decompressed; signed URLs (their query strings) and a caller's Authorization never appear in
+errors or logs; a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
+so its JSON body is sent to the first host only, and Authorization only ever by `call`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
+from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -20,10 +25,21 @@ from .errors import FetchFailed
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a JSON answer larger than this is no metadata we keep
 MAX_RETRY_AFTER_SECONDS = 30.0
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRYABLE = {429, 500, 502, 503, 504}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An upstream's answer to one call, whatever its status; `location` only for a redirect."""
+    status: int
+    body: bytes
+    content_type: str
+    location: str | None
 
 
 class HostPolicy:
@@ -76,13 +92,33 @@ class Upstream:
     async def __aexit__(self, *exc_info) -> None:
         await self._session.close()
 
-    async def open(self, url: str, method: str = "GET") -> aiohttp.ClientResponse:
-        """Follow the redirect chain to a 200, retrying transient trouble; caller closes it."""
+    async def open(self, url: str, method: str = "GET", json: dict | None = None) -> aiohttp.ClientResponse:
+        """Follow the redirect chain to a 200, retrying transient trouble; caller closes it. With
+        `json`, the first hop is a POST of it (kagglehub's DownloadModelInstanceVersion)."""
+        return await self._retrying(lambda: self._follow(url, "POST" if json is not None else method, json))
+
+    async def call(self, url: str, json: dict, authorization: str | None = None) -> Answer:
+        """POST `json` to url once (retrying transient trouble: connection errors, 429, 5xx) and
+        return the answer as it is, any status, no redirect followed; raises FetchFailed when
+        upstream cannot be reached or keeps failing."""
+        headers = {} if authorization is None else {"Authorization": authorization}
+        return await self._retrying(lambda: self._call_once(url, json, headers))
+
+    async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
+        """One GET of url as it is (its query kept), answered with any status, no redirect
+        followed, nothing retried (a relayed request); caller closes it."""
+        self._policy.check(url)
+        try:
+            return await self._request("GET", url, headers=headers)
+        except _Transient as trouble:
+            raise FetchFailed(trouble.status, trouble.message) from None
+
+    async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
         attempts = self._settings.retries + 1
         delay = self._settings.backoff_seconds
         for attempt in range(1, attempts + 1):
             try:
-                return await self._follow(url, method)
+                return await attempt_once()
             except _Transient as trouble:
                 if attempt == attempts:
                     raise FetchFailed(trouble.status, f"{trouble.message} (after {attempts} attempts)") from None
@@ -92,28 +128,54 @@ class Upstream:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _follow(self, url: str, method: str) -> aiohttp.ClientResponse:
+    async def _follow(self, url: str, method: str, json: dict | None) -> aiohttp.ClientResponse:
         assert self._session is not None, "use Upstream as an async context manager"
         previous = None
         for _ in range(MAX_REDIRECTS + 1):
             self._policy.check(url, previous)
-            response = await self._request(method, url)
+            response = await self._request(method, url, json=json)
             if response.status in _REDIRECTS and "Location" in response.headers:
                 previous, url = url, urllib.parse.urljoin(url, response.headers["Location"])
                 response.release()
+                method, json = ("GET", None) if response.status in (301, 302, 303) else (method, json)
                 continue
             if response.status == 200:
                 return response
             raise _status_error(response, url)
         raise FetchFailed(502, f"upstream redirected more than {MAX_REDIRECTS} times")
 
-    async def _request(self, method: str, url: str) -> aiohttp.ClientResponse:
+    async def _call_once(self, url: str, json: dict, headers: dict) -> Answer:
+        self._policy.check(url)
+        response = await self._request("POST", url, json=json, headers=headers)
         try:
-            return await self._session.request(method, url, allow_redirects=False)
+            if response.status in _RETRYABLE:
+                raise _status_error(response, url)
+            body = await _capped_body(response, url)
+            location = response.headers.get("Location") if response.status in _REDIRECTS else None
+            return Answer(response.status, body, response.headers.get("Content-Type", ""), location)
+        finally:
+            response.release()
+
+    async def _request(self, method: str, url: str, json: dict | None = None,
+                       headers: dict | None = None) -> aiohttp.ClientResponse:
+        try:
+            return await self._session.request(method, url, allow_redirects=False, json=json, headers=headers)
         except asyncio.TimeoutError:
             raise _Transient(504, f"upstream {strip_query(url)} timed out") from None
         except aiohttp.ClientError as e:
             raise _Transient(502, f"cannot reach upstream {strip_query(url)}: {type(e).__name__}") from None
+
+
+async def _capped_body(response: aiohttp.ClientResponse, url: str) -> bytes:
+    body = bytearray()
+    try:
+        async for piece in response.content.iter_chunked(64 * 1024):
+            body += piece
+            if len(body) > MAX_ANSWER_BYTES:
+                raise FetchFailed(502, f"upstream {strip_query(url)} answered more than {MAX_ANSWER_BYTES} bytes")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise _Transient(502, f"upstream {strip_query(url)} broke off its answer: {type(e).__name__}") from None
+    return bytes(body)
 
 
 class _Transient(Exception):

@@ -2,42 +2,36 @@
 fields it takes, each field how it is read, and a body passes only when every field is known,
 well typed and well formed.
 
-Invariants: a refusal is a BadBody with a 4xx status (400; 413 larger than MAX_BODY_BYTES; 415
-not sent as JSON) and a one-line reason naming the field at fault, echoing at most a short,
-escaped prefix of what was sent; no more than MAX_BODY_BYTES are ever read; a body that passes
+Invariants: a refusal is a BadBody with a 4xx status (400; 413 larger than jsonbody's
+MAX_BODY_BYTES, never read further; 415 not sent as JSON) and a one-line reason naming the field
+at fault, echoing at most a short, escaped prefix of what was sent; a body that passes
 names at least one handle where the endpoint acts on handles, and exactly one selector for evict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable
 
 from aiohttp import web
 
 from ..cache import plans
-from ..handles import UPSTREAM_NAMES, BadHandle, handle_from_key, parse_request_target
+from ..handles import FILES_PATH, KAGGLE_FILE, UPSTREAM_NAMES, BadHandle, handle_from_key, parse_kaggle_file, \
+    parse_request_target
 from ..units import parse_duration, parse_size
+from .jsonbody import BadBody, kind, read_object, refuse_unknown, sized
 
-MAX_BODY_BYTES = 64 * 1024
+__all__ = ["BadBody", "Body", "read_body"]
+
 MAX_HANDLES = 1000
 MAX_HANDLE_CHARS = 512
 MAX_VALUE_CHARS = 64
-JSON_TYPE = "application/json"
 
 _GLOB_CHARS = "*?["
 _GLOB = re.compile(r"[A-Za-z0-9._\-/:*?\[\]!]+")
-_GLOB_STARTS = ("/", *_GLOB_CHARS, *(f"{name}:" for name in UPSTREAM_NAMES))
-
-
-class BadBody(ValueError):
-    """An admin body refused; str() is the one-line reason, .status the HTTP status."""
-
-    def __init__(self, reason: str, status: int = 400):
-        super().__init__(reason)
-        self.status = status
+_KEY_KINDS = (*UPSTREAM_NAMES, KAGGLE_FILE)  # what index keys begin with: archives' upstreams, kagglehub's files
+_GLOB_STARTS = ("/", *_GLOB_CHARS, *(f"{name}:" for name in _KEY_KINDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,44 +63,13 @@ ENDPOINTS = {
 async def read_body(request: web.Request, endpoint: str) -> Body:
     """The body of a request to /admin/<endpoint>, checked and parsed (BadBody if refused)."""
     spec = ENDPOINTS[endpoint]
-    document = _document(await _bytes(request))
+    document = await read_object(request, '{"handles": ["tfhub:/google/x/1"]}')
     _check_names(document, endpoint, spec)
     return Body(**{name: FIELDS[name](name, value) for name, value in document.items()})
 
 
-async def _bytes(request: web.Request) -> bytes:
-    if not request.can_read_body:
-        return b""
-    if request.content_type != JSON_TYPE:
-        raise BadBody(f"send the body as Content-Type: {JSON_TYPE}, not {request.content_type[:60]!r}", 415)
-    too_large = BadBody(f"the body is larger than {MAX_BODY_BYTES // 1024} KiB", 413)
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise too_large
-    data = bytearray()
-    async for chunk in request.content.iter_chunked(16 * 1024):
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise too_large
-    return bytes(data)
-
-
-def _document(data: bytes) -> dict:
-    if not data:
-        return {}
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-        raise BadBody('the body is not JSON; send a JSON object such as {"handles": ["tfhub:/google/x/1"]}') from None
-    if not isinstance(document, dict):
-        raise BadBody(f"the body must be a JSON object, not {_kind(document)}")
-    return document
-
-
 def _check_names(document: dict, endpoint: str, spec: Endpoint) -> None:
-    unknown = [name for name in document if name not in spec.fields]
-    if unknown:
-        takes = f"takes {', '.join(spec.fields)}" if spec.fields else "takes no fields"
-        raise BadBody(f"unknown field {_names(unknown)}: /admin/{endpoint} {takes}")
+    refuse_unknown(document, spec.fields, f"/admin/{endpoint}")
     given = [name for name in spec.one_of if name in document]
     if spec.one_of and len(given) != 1:
         wanted = _alternatives(spec.one_of)
@@ -116,14 +79,14 @@ def _check_names(document: dict, endpoint: str, spec: Endpoint) -> None:
 
 
 def _handles(name: str, value: object) -> list[str]:
-    _sized(name, value, list, "a list of handle URLs, keys, paths or globs", MAX_HANDLES, "items")
+    sized(name, value, list, "a list of handle URLs, keys, paths or globs", MAX_HANDLES, "items")
     return [_pattern(f"{name}[{i}]", item) for i, item in enumerate(value)]
 
 
 def _pattern(name: str, value: object) -> str:
     """One typed handle → its match pattern: a URL becomes its key, a literal key or path must
     name a handle (returned normalised), a glob must be one of keys or paths."""
-    _sized(name, value, str, "a string", MAX_HANDLE_CHARS, "characters")
+    sized(name, value, str, "a string", MAX_HANDLE_CHARS, "characters")
     if not value.isprintable() or any(c.isspace() for c in value):
         raise BadBody(f"{name} contains spaces or control characters: {value[:60]!r}")
     try:
@@ -146,20 +109,22 @@ def _literal(pattern: str) -> str:
     if not colon:
         raise BadHandle(f"{pattern[:60]!r} is neither a handle URL (https://tfhub.dev/…), an index key (tfhub:/…), "
                         "a mirror path (/…) nor a glob of them")
+    if upstream == KAGGLE_FILE:
+        return parse_kaggle_file(FILES_PATH + pattern.partition(":")[2]).key
     if upstream not in UPSTREAM_NAMES:
-        raise BadHandle(f"{upstream[:20]!r} is no upstream; keys begin {', '.join(n + ':/' for n in UPSTREAM_NAMES)}")
+        raise BadHandle(f"{upstream[:20]!r} is no upstream; keys begin {', '.join(n + ':/' for n in _KEY_KINDS)}")
     return handle_from_key(pattern).key
 
 
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise BadBody(f"{name} must be true or false, not {_kind(value)}")
+        raise BadBody(f"{name} must be true or false, not {kind(value)}")
     return value
 
 
 def _text_read_by(parse: Callable[[str], float], example: str) -> Callable[[str, object], float]:
     def read(name: str, value: object) -> float:
-        _sized(name, value, str, f'a string such as "{example}"', MAX_VALUE_CHARS, "characters")
+        sized(name, value, str, f'a string such as "{example}"', MAX_VALUE_CHARS, "characters")
         try:
             return parse(value)
         except ValueError as e:
@@ -176,30 +141,5 @@ FIELDS: dict[str, Callable[[str, object], object]] = {
 }
 
 
-def _sized(name: str, value: object, python_type: type, described: str, limit: int, units: str) -> None:
-    """A string or list field is of its type, not empty, and at most `limit` long."""
-    if not isinstance(value, python_type):
-        raise BadBody(f"{name} must be {described}, not {_kind(value)}")
-    if not value:
-        raise BadBody(f"{name} is empty")
-    if len(value) > limit:
-        raise BadBody(f"{name} has {len(value)} {units}; at most {limit}")
-
-
-def _kind(value: object) -> str:
-    """A JSON value's type, for a reason: 'a string', 'a number', ..."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    for python_type, kind in ((str, "a string"), ((int, float), "a number"), (list, "a list"), (dict, "an object")):
-        if isinstance(value, python_type):
-            return kind
-    return type(value).__name__
-
-
 def _alternatives(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(repr(name[:40]) for name in names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,5 +1,7 @@
 """The aiohttp application: its routes and the lifecycle of its components (store, upstream
-client, flights, housekeeping), and the dispatch of a hub request to a hit or a flight.
+client, flights, metadata, housekeeping), and the dispatch of a hub request to a hit or a flight;
+a request on its way to api.kaggle.com goes to kagglehub's face (kaggle_api, kaggle_files), a
+signed storage URL to the relay.
 
 Invariants: a request for a cached archive is a hit and never contacts upstream; in offline mode
 nothing ever does; components open before the first request and close after the last, in
@@ -17,19 +19,22 @@ from aiohttp import web, web_response
 
 from ..cache.diskhealth import WriteHealth
 from ..cache.housekeeping import Housekeeper
+from ..cache.metadata import Metadata
 from ..cache.store import Store
 from ..config import Settings
 from ..fetch.flights import Flights
 from ..fetch.upstream import Upstream
-from ..handles import HUB_HOSTS, BadHandle, parse_request_target
+from ..handles import FILES_PATH, GCS, HUB_HOSTS, KAGGLE_API, BadHandle, parse_request_target
 from ..metrics import Metrics
 from ..units import parse_size
-from . import admin, browse
+from . import admin, browse, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
-from .components import FLIGHTS, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
-from .hits import range_problem, serve_hit
+from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
+from .hits import range_problem, serve_if_cached
 from .intercept import tunnel_host
-from .misses import head_upstream, serve_flight
+from .kagglebody import SERVICE_PATH
+from .kagglecreds import Anonymity
+from .misses import head_upstream, serve_flight, upstream_url
 from .replies import MISS, X_CACHE, error
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", browse_page)
     admin.add_routes(app)
+    app.router.add_route("*", kaggle_api.ROUTE, kaggle_api.rpc_route)
+    app.router.add_get(FILES_PATH + "/{tail:.*}", kaggle_files.file_route)
     app.router.add_route("*", "/{tail:.*}", hub)
     app.cleanup_ctx.append(_components)
     _name_the_product_only()
@@ -69,6 +76,8 @@ async def _components(app: web.Application):
         upstream = await stack.enter_async_context(Upstream(settings))
         app[STORE], app[UPSTREAM] = store, upstream
         health = WriteHealth(app[METRICS], store.root)
+        app[METADATA] = metadata = Metadata(store)
+        app[ANONYMITY] = Anonymity(metadata)
         app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS], health)
         stack.push_async_callback(flights.close)
         app[SERVING] = serving = collections.Counter()
@@ -104,8 +113,24 @@ async def _proxied_requests_are_hub_requests(request: web.Request, handler) -> w
     """A request for a hub host (inside an intercepted tunnel, or absolute-form through HTTP_PROXY)
     is never the mirror's own page, metrics or admin API, whatever its path."""
     if tunnel_host(request.transport) is not None or not request.raw_path.startswith("/"):
+        host, target = _hub_target(request)
+        if HUB_HOSTS[host] == KAGGLE_API:
+            return await _kaggle_api_request(request, target)
+        if HUB_HOSTS[host] == GCS and relay.is_signed(target):
+            return await relay.relay(request, target)
         return await hub(request)
     return await handler(request)
+
+
+async def _kaggle_api_request(request: web.Request, target: str) -> web.StreamResponse:
+    """A request on its way to api.kaggle.com: kagglehub's RPCs, or the files they redirect to."""
+    path = target.partition("?")[0]
+    if path.startswith(SERVICE_PATH):
+        return await kaggle_api.serve_rpc(request, path.removeprefix(SERVICE_PATH))
+    if path.startswith(FILES_PATH + "/"):
+        return await kaggle_files.serve_file(request, target)
+    return kaggle_api.rpc_error(404, f"hubproxy answers kagglehub's model downloads on api.kaggle.com "
+                                     f"({SERVICE_PATH}...), not {path[:80]!r}")
 
 
 def _hub_target(request: web.Request) -> tuple[str | None, str]:
@@ -144,15 +169,11 @@ async def hub(request: web.Request) -> web.StreamResponse:
     problem = range_problem(request)
     if problem:
         return error(400, problem)
-    store = request.app[STORE]
-    entry = store.lookup(handle.key)
-    if entry is not None:
-        response = await serve_hit(request, entry)
-        if response is not None:
-            return response
-        store.forget(handle.key)  # purged or evicted by another process since we looked
+    response = await serve_if_cached(request, handle.key)
+    if response is not None:
+        return response
     if request.app[SETTINGS].mode == "offline":
         return error(504, f"{handle.key} is not cached and this mirror is offline", headers={X_CACHE: MISS})
     if request.method == "HEAD":
         return await head_upstream(request, handle)
-    return await serve_flight(request, handle)
+    return await serve_flight(request, handle.key, upstream_url(request, handle))

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ..cache.plans import usage
 from ..cache.store import Entry
+from ..handles import FILES_PATH, KAGGLE_FILE
 from ..units import format_size
 
 MAX_ROWS = 1000
@@ -49,7 +50,8 @@ def page(entries: list[Entry], base_url: str, max_size: int | None) -> str:
 
 def _row(entry: Entry, base_url: str) -> str:
     upstream, _, path = entry.key.partition(":")
-    url = html.escape(base_url.rstrip("/") + path)
+    served_at = FILES_PATH + path if upstream == KAGGLE_FILE else path  # kagglehub's files have their own URLs
+    url = html.escape(base_url.rstrip("/") + served_at)
     return (f"<tr><td>{html.escape(path.strip('/'))} <span class=muted>({html.escape(upstream)})</span></td>"
             f"<td><code>{url}</code></td><td class=num>{format_size(entry.size)}</td>"
             f"<td class=num>{_age(entry.fetched)}</td><td class=num>{entry.hits}</td>"

@@ -39,6 +39,11 @@ def range_problem(request: web.Request) -> str | None:
     return None
 
 
+def asks_for_range(request: web.Request) -> bool:
+    """Whether the request asks for one byte range (a well-formed one: see range_problem)."""
+    return _byte_range(request) is not None
+
+
 def _byte_range(request: web.Request) -> slice | None:
     """The one byte range asked for; None for the whole archive (no Range, another unit, several
     ranges: RFC 9110 lets a server send the whole instead). Raises ValueError when malformed."""
@@ -71,6 +76,18 @@ def _matches_any(if_none_match: str, sha256: str) -> bool:
     """If-None-Match compares weakly: W/"x" matches "x"."""
     tags = [tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")]
     return "*" in tags or sha256 in tags
+
+
+async def serve_if_cached(request: web.Request, key: str) -> web.StreamResponse | None:
+    """The hit for key; None when it is not cached (or its blob is gone since the index said so)."""
+    store = request.app[STORE]
+    entry = store.lookup(key)
+    if entry is None:
+        return None
+    response = await serve_hit(request, entry)
+    if response is None:
+        store.forget(key)  # purged or evicted by another process since we looked
+    return response
 
 
 async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse | None:

@@ -3,8 +3,9 @@ one (MISS), and follows the growing archive as it arrives.
 
 Invariants: a streamed response ends with its terminating chunk only after the archive is
 verified (and committed, unless the disk refuses it), otherwise the connection is cut; HTTP/1.0
-clients, which cannot be told of a cut, get only verified, stored archives; this module asks the
-flight for spans and never builds a file path.
+clients, which cannot be told of a cut, get only verified, stored archives, and so does a request
+for a byte range, answered 206 from the committed blob (never a 200: a resuming client appends
+what it gets); this module asks the flight for spans and never builds a file path.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from ..handles import Handle
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import FLIGHTS, METRICS, SETTINGS, UPSTREAM
-from .hits import serve_hit
+from .hits import asks_for_range, serve_hit
 from .replies import JOIN, MISS, X_CACHE, error
 
 log = logging.getLogger(__name__)
 
 
-async def serve_flight(request: web.Request, handle: Handle) -> web.StreamResponse:
-    # A Range on a miss gets the whole archive (RFC 9110 lets a server ignore Range): ranges
-    # are cut from verified blobs only.
-    streaming = request.version >= (1, 1)
-    async with request.app[FLIGHTS].join(handle.key, _upstream_url(request, handle), streaming=streaming) as (
+async def serve_flight(request: web.Request, key: str, url: str, *, post_json: dict | None = None,
+                       archive: bool = True, resumable: bool = False) -> web.StreamResponse:
+    """Join (or start) the flight for key, whose first hop is url (a POST of post_json when given).
+    resumable: the client may resume what it got (kagglehub), so a miss is sent with the
+    Content-Length, x-goog-hash and Accept-Ranges the origin gave, not chunked; a cut still leaves
+    it short of that length."""
+    streaming = request.version >= (1, 1) and request.method != "HEAD" and not asks_for_range(request)
+    async with request.app[FLIGHTS].join(key, url, streaming=streaming, post_json=post_json, archive=archive) as (
             flight, joined):
         outcome = JOIN if joined else MISS
         request.app[METRICS].requests.labels(outcome).inc()
@@ -40,52 +44,66 @@ async def serve_flight(request: web.Request, handle: Handle) -> web.StreamRespon
         except FetchFailed as e:
             return error(e.status, e.message, headers={X_CACHE: outcome})
         if not streaming:
-            return await _serve_when_committed(request, flight)
+            return await _serve_when_committed(request, flight, outcome)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
-        response.enable_chunked_encoding()
+        chunked = not resumable or flight.evidence.content_length is None
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            _announce_length(response, flight.evidence)
         try:
             await wire.start(request, response)
-            await _send_chunked(request, response, flight)
+            await _send_spans(request, response, flight, chunked)
             await response.write_eof()
         except FetchFailed as e:
-            log.warning("cutting %s short for a client: %s", handle.key, e.message)
+            log.warning("cutting %s short for a client: %s", key, e.message)
             wire.cut(request)
         except ConnectionError:
-            log.info("client left during %s; the fetch goes on", handle.key)
+            log.info("client left during %s; the fetch goes on", key)
         return response
 
 
-async def _send_chunked(request: web.Request, response: web.StreamResponse, flight: Flight) -> None:
-    """Each span of the growing archive as one chunk, its bytes sent with sendfile (no copies
-    through Python), or written from memory when the fetch is passing through. The terminating
-    chunk is left to the caller: it is the promise of a complete, verified archive."""
+def _announce_length(response: web.StreamResponse, evidence: Evidence) -> None:
+    response.content_length = evidence.content_length
+    response.headers["Accept-Ranges"] = "bytes"
+    if evidence.x_goog_hash is not None:
+        response.headers["x-goog-hash"] = evidence.x_goog_hash
+
+
+async def _send_spans(request: web.Request, response: web.StreamResponse, flight: Flight, chunked: bool) -> None:
+    """Each span of the growing archive (one chunk of its own when chunked), its bytes sent with
+    sendfile (no copies through Python), or written from memory when the fetch is passing through.
+    The end (the terminating chunk, or the last bytes of a Content-Length) is the promise of a
+    complete, verified archive: spans withhold it until then."""
     request[BODY_BYTES_KEY] = 0
+    send = wire.send_file_chunk if chunked else wire.send_file
     with flight.open_file() or contextlib.nullcontext() as archive:
         async with contextlib.aclosing(flight.spans()) as spans:
             async for start, length, data in spans:
                 if data is None:
-                    await wire.send_file_chunk(request, response, archive, start, length)
+                    await send(request, response, archive, start, length)
                 else:
                     for view in data:
                         await response.write(view)  # framed as a chunk of its own, with flow control
                 request[BODY_BYTES_KEY] += length
 
 
-async def _serve_when_committed(request: web.Request, flight: Flight) -> web.StreamResponse:
-    """HTTP/1.0 has no chunked encoding to withhold the end with: such clients wait for the
-    verified archive and get it with a Content-Length, like a hit."""
+async def _serve_when_committed(request: web.Request, flight: Flight, outcome: str) -> web.StreamResponse:
+    """HTTP/1.0 has no chunked encoding to withhold the end with, and a range is cut from a
+    verified blob only: such requests wait for the committed archive and are answered like a hit
+    (Content-Length, 206 for a range)."""
     try:
         entry = await flight.finished()
     except FetchFailed as e:
-        return error(e.status, e.message, headers={X_CACHE: MISS})
-    response = await serve_hit(request, entry, outcome=MISS)
-    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: MISS})
+        return error(e.status, e.message, headers={X_CACHE: outcome})
+    response = await serve_hit(request, entry, outcome=outcome)
+    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: outcome})
 
 
 async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
     request.app[METRICS].requests.labels(MISS).inc()
     try:
-        upstream_response = await request.app[UPSTREAM].open(_upstream_url(request, handle), method="HEAD")
+        upstream_response = await request.app[UPSTREAM].open(upstream_url(request, handle), method="HEAD")
     except FetchFailed as e:
         return error(e.status, e.message, headers={X_CACHE: MISS})
     with contextlib.closing(upstream_response):
@@ -96,5 +114,6 @@ async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
     return web.Response(status=200, headers=headers)
 
 
-def _upstream_url(request: web.Request, handle: Handle) -> str:
+def upstream_url(request: web.Request, handle: Handle) -> str:
+    """Where a handle's archive is fetched from (its upstream's configured base URL)."""
     return handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])

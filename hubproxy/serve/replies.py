@@ -10,6 +10,8 @@ from aiohttp import web
 
 X_CACHE = "X-Cache"
 HIT, MISS, JOIN = "HIT", "MISS", "JOIN"
+PASSED = "PASS"  # relayed as upstream answered it, nothing stored (private models, signed URLs)
+STALE = "STALE"  # a stored copy, answered because upstream failed (mode fallback)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> web.Response:
