@@ -137,7 +137,8 @@ class Upstream:
             if response.status in _REDIRECTS and "Location" in response.headers:
                 previous, url = url, urllib.parse.urljoin(url, response.headers["Location"])
                 response.release()
-                method, json = ("GET", None) if response.status in (301, 302, 303) else (method, json)
+                if method == "POST" and response.status in (301, 302, 303):
+                    method, json = "GET", None  # as browsers do; a HEAD stays a HEAD all the way
                 continue
             if response.status == 200:
                 return response
