@@ -119,6 +119,19 @@ def test_clients_asking_for_one_file_at_once_cost_one_storage_get(mirror, clean_
     assert len(clean_origin.storage_gets(model, BIG)) == 1
 
 
+def test_a_file_two_versions_share_is_stored_once(mirror, clean_origin, archive, members, tmp_path):
+    first = clean_origin.register(archive)
+    second = clean_origin.register(archive, like=first, version="2")
+
+    bodies = [requests.get(file_url(mirror, model, path), timeout=60).content
+              for model in (first, second) for path in MEMBERS]
+
+    assert bodies == [members[path] for path in MEMBERS] * 2
+    blobs = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+    assert sorted(p.name for p in blobs) == sorted({hashlib.sha256(members[path]).hexdigest() for path in MEMBERS})
+    assert len(clean_origin.storage_gets(first)) == len(clean_origin.storage_gets(second)) == len(MEMBERS)
+
+
 def test_a_file_that_does_not_match_its_x_goog_hash_is_cut_and_never_stored(mirror, clean_origin, archive, members):
     model = clean_origin.register(archive)
     clean_origin.faults(model, BIG, corrupt_at=1_500_000)
