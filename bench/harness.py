@@ -58,6 +58,7 @@ class Server:
     url: str
     pid: int
     ca_file: Path | None = None  # the interception CA, for a server that is also an HTTPS_PROXY
+    log: Path | None = None  # where its stderr goes
 
     def pids(self) -> list[int]:
         return [self.pid, *_children(self.pid)]
@@ -68,6 +69,14 @@ class Server:
     def peak_rss_bytes(self) -> int:
         """Sum over its processes of each one's peak resident set (VmHWM)."""
         return sum(_status_kib(pid, "VmHWM") * 1024 for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        """Its main process's resident set now (VmRSS)."""
+        return _status_kib(self.pid, "VmRSS") * 1024
+
+    def open_fds(self) -> int:
+        """How many file descriptors its main process holds open now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -104,13 +113,19 @@ def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
 
 
 @contextlib.contextmanager
-def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
-    """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own."""
-    ca_dir = cache_dir.parent / f"{cache_dir.name}-ca"
-    subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(ca_dir), "--force"], check=True,
-                   capture_output=True, cwd=ROOT)
+def hubproxy(origin_control: Origin, cache_dir: Path, *, intercept: bool = True, log_level: str = "WARNING",
+             extra: tuple[str, ...] = ()) -> Iterator[Server]:
+    """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own unless
+    `intercept` is false; its log (stderr) goes to Server.log, replaced at each start."""
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
-            "--log-level", "WARNING", "--intercept", "--ca-dir", str(ca_dir)]
+            "--log-level", log_level, *extra]
+    ca_file = None
+    if intercept:
+        ca_dir = cache_dir.parent / f"{cache_dir.name}-ca"
+        subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(ca_dir), "--force"],
+                       check=True, capture_output=True, cwd=ROOT)
+        args += ["--intercept", "--ca-dir", str(ca_dir)]
+        ca_file = ca_dir / "ca.pem"
     for name in ("tfhub", "kaggle", "gcs"):
         args += ["--upstream", f"{name}={origin_control.urls[name]}"]
     log = cache_dir.parent / f"{cache_dir.name}.log"
@@ -120,7 +135,7 @@ def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
         line = process.stdout.readline()
         if "listening on " not in line:
             raise SetupError(f"hubproxy did not start: {log.read_text()[-2000:]}")
-        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid, ca_dir / "ca.pem")
+        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid, ca_file, log)
     finally:
         stop_process(process)
 
