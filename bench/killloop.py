@@ -29,6 +29,7 @@ from .downloads import Fetched, Progress, download
 POINTS = ("held", "resumed", "whole-temp", "instant", "committed")
 RECHECKED = 6  # earlier models re-fetched after each restart: a bounded sample, so rounds cost the same
 RECONCILED = "index and blobs reconciled"
+MID_BODY, IN_WINDOW, COMMITTED = "mid-body", "in the commit window", "after the commit"
 
 
 class Broken(AssertionError):
@@ -57,9 +58,11 @@ class Model:
 
 
 def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, seconds: float | None = None,
-              clients: int = 3) -> KillFigures:
-    """Kill hubproxy `rounds` times (or for `seconds`); raises Broken at the first broken invariant."""
+              clients: int = 3, points: tuple[str, ...] = POINTS) -> KillFigures:
+    """Kill hubproxy `rounds` times (or for `seconds`) at one of `points` each; raises Broken at the
+    first broken invariant."""
     rng, figures = random.Random(seed), KillFigures(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
     cache_dir, models = workdir / "kill-cache", []
     deadline = None if seconds is None else time.monotonic() + seconds
     while (rounds is None or figures.rounds < rounds) and (deadline is None or time.monotonic() < deadline):
@@ -67,7 +70,7 @@ def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, se
         origin.faults(model.object, hold_after=rng.randrange(model.size // 2, model.size))
         with harness.hubproxy(origin, cache_dir, intercept=False, log_level="INFO") as server:
             _check_restart(server, cache_dir, models[-RECHECKED:], figures)
-            point = rng.choice(POINTS)
+            point = rng.choice(points)
             fetched = _downloads_killed_at(point, origin, server, cache_dir, model, models, rng, clients)
         figures.kills += 1
         _judge_landing(cache_dir, model, figures)
@@ -148,12 +151,7 @@ def _judge_landing(cache_dir: Path, model: Model, figures: KillFigures) -> None:
         indexed = any(e.sha256 == model.sha256 for e in store.entries())
     finally:
         store.close()
-    if indexed:
-        where = "after the commit"
-    elif blob or model.size in temps:
-        where = "in the commit window"
-    else:
-        where = "mid-body"
+    where = COMMITTED if indexed else IN_WINDOW if blob or model.size in temps else MID_BODY
     figures.landed[where] = figures.landed.get(where, 0) + 1
 
 
