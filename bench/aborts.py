@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import random
 import time
 import urllib.request
@@ -43,15 +42,12 @@ class SoakFigures:
     errors: int = 0
     wrong_bytes: int = 0
     tracebacks: int = 0  # in the proxy's log
+    last_traceback_line: str = ""  # the exception of the first one
     readings: list[Reading] = dataclasses.field(default_factory=list)
     first_errors: list[str] = dataclasses.field(default_factory=list)  # a few, to say what went wrong
 
 
-@dataclasses.dataclass(frozen=True)
-class Archive:
-    handle: str
-    sha256: str
-    size: int
+Archive = harness.Registered
 
 
 def abort_soak(origin, server: harness.Server, workdir: Path, *, seed: int, rounds: int | None = None,
@@ -73,18 +69,16 @@ def abort_soak(origin, server: harness.Server, workdir: Path, *, seed: int, roun
         figures.readings.append(Reading(figures.rounds, server.open_fds(), server.rss_bytes()))
         kept = (kept + fresh)[-KEPT:]
         figures.rounds += 1
-    figures.tracebacks = server.log.read_text(errors="replace").count("Traceback")
+    log = server.log.read_text(errors="replace")
+    figures.tracebacks = log.count("Traceback")
+    figures.last_traceback_line = _first_exception(log)
     return figures
 
 
 def _new_archive(origin, workdir: Path, rng: random.Random, name: str) -> Archive:
-    path = workdir / f"soak-{name}.tar.gz"
-    size = rng.randrange(256 << 10, 2 << 20)
-    data = b"\x1f\x8b" + rng.randbytes(size - 2)
-    path.write_bytes(data)
-    model = origin.register(path)
-    origin.faults(model, throttle_bps=MISS_RATE)
-    return Archive(model.handle, hashlib.sha256(data).hexdigest(), size)
+    archive = harness.register_random_archive(origin, workdir / f"soak-{name}.tar.gz", rng)
+    origin.faults(archive.model, throttle_bps=MISS_RATE)
+    return archive
 
 
 def _plan_client(rng: random.Random, fresh: list[Archive], kept: list[Archive],
@@ -119,3 +113,9 @@ def _flights_in_progress(server: harness.Server) -> float:
         text = response.read().decode()
     return next((sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                  if sample.name == "hubproxy_flights_in_progress"), 0.0)
+
+
+def _first_exception(log: str) -> str:
+    """The exception line closing the log's first traceback ("" when there is none)."""
+    lines = log.partition("Traceback")[2].splitlines()
+    return next((line for line in lines[1:] if line and not line.startswith(" ")), "")

@@ -8,7 +8,9 @@ context manager that started it; nothing here measures, it only starts, stops an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.origin_control import Origin, start_origin, stop_process  # noqa: E402
+from tests.origin_control import Model, Origin, start_origin, stop_process  # noqa: E402
 
 # Debian package → the program it provides.
 DEBIAN_PACKAGES = {"nginx": "/usr/sbin/nginx", "wrk": "/usr/bin/wrk", "curl": "/usr/bin/curl",
@@ -216,3 +218,22 @@ def make_archive(path: Path, size: int) -> Path:
             f.write(piece)
             remaining -= len(piece)
     return path
+
+
+@dataclass(frozen=True)
+class Registered:
+    """An archive the origin serves under a fresh model name."""
+
+    handle: str
+    sha256: str
+    size: int
+    model: Model  # for the origin's fault switches
+
+
+def register_random_archive(origin_control: Origin, path: Path, rng: random.Random) -> Registered:
+    """A stand-in archive of 256 KiB to 2 MiB of rng's bytes (a seed replays it), at path, served."""
+    size = rng.randrange(256 << 10, 2 << 20)
+    data = b"\x1f\x8b" + rng.randbytes(size - 2)
+    path.write_bytes(data)
+    model = origin_control.register(path)
+    return Registered(model.handle, hashlib.sha256(data).hexdigest(), size, model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import random
 import signal
@@ -49,12 +48,7 @@ class KillFigures:
     disagreements: int = 0  # index and blobs not agreeing after a restart
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    handle: str
-    sha256: str
-    size: int
-    object: object  # tests.origin_control.Model, for the origin's fault switches
+Model = harness.Registered
 
 
 def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, seconds: float | None = None,
@@ -67,7 +61,7 @@ def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, se
     deadline = None if seconds is None else time.monotonic() + seconds
     while (rounds is None or figures.rounds < rounds) and (deadline is None or time.monotonic() < deadline):
         model = _new_model(origin, workdir, rng, figures.rounds)
-        origin.faults(model.object, hold_after=rng.randrange(model.size // 2, model.size))
+        origin.faults(model.model, hold_after=rng.randrange(model.size // 2, model.size))
         with harness.hubproxy(origin, cache_dir, intercept=False, log_level="INFO") as server:
             _check_restart(server, cache_dir, models[-RECHECKED:], figures)
             point = rng.choice(points)
@@ -76,7 +70,7 @@ def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, se
         _judge_landing(cache_dir, model, figures)
         for got, wanted in fetched:
             _count(figures, got, wanted)
-        origin.faults(model.object, hold_after=None)
+        origin.faults(model.model, hold_after=None)
         origin.release()
         models.append(model)
         _forget_old_archives(workdir, models)
@@ -87,18 +81,13 @@ def kill_loop(origin, workdir: Path, *, seed: int, rounds: int | None = None, se
 
 
 def _new_model(origin, workdir: Path, rng: random.Random, n: int) -> Model:
-    path = workdir / f"kill-{n}.tar.gz"
-    size = rng.randrange(256 << 10, 2 << 20)
-    data = b"\x1f\x8b" + rng.randbytes(size - 2)
-    path.write_bytes(data)
-    registered = origin.register(path)
-    return Model(registered.handle, hashlib.sha256(data).hexdigest(), size, registered)
+    return harness.register_random_archive(origin, workdir / f"kill-{n}.tar.gz", rng)
 
 
 def _forget_old_archives(workdir: Path, models: list[Model]) -> None:
     """Only the last RECHECKED models are fetched again: older archives need no disk."""
     if len(models) > RECHECKED:
-        Path(models[-RECHECKED - 1].object.file).unlink(missing_ok=True)
+        Path(models[-RECHECKED - 1].model.file).unlink(missing_ok=True)
 
 
 def _downloads_killed_at(point: str, origin, server: harness.Server, cache_dir: Path, model: Model,

@@ -52,6 +52,7 @@ def figures_markdown(kills: killloop.KillFigures, soak: aborts.SoakFigures, brok
         "| --- | --- | --- | --- | --- | --- |",
         f"| {soak.rounds} | {soak.requests} | {soak.aborts} | {soak.errors} | {soak.wrong_bytes} | {soak.tracebacks} |",
         "",
+        *([f"First traceback logged: `{soak.last_traceback_line}`.", ""] if soak.tracebacks else []),
         "| reading | round | open fds | RSS |",
         "| --- | --- | --- | --- |",
         *[f"| {name} | {r.round} | {r.fds} | {format_size(r.rss)} |" for name, r in picked.items()],
