@@ -8,7 +8,9 @@ context manager that started it; nothing here measures, it only starts, stops an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.origin_control import Origin, start_origin, stop_process  # noqa: E402
+from tests.origin_control import Model, Origin, start_origin, stop_process  # noqa: E402
 
 # Debian package → the program it provides.
 DEBIAN_PACKAGES = {"nginx": "/usr/sbin/nginx", "wrk": "/usr/bin/wrk", "curl": "/usr/bin/curl",
@@ -58,6 +60,7 @@ class Server:
     url: str
     pid: int
     ca_file: Path | None = None  # the interception CA, for a server that is also an HTTPS_PROXY
+    log: Path | None = None  # where its stderr goes
 
     def pids(self) -> list[int]:
         return [self.pid, *_children(self.pid)]
@@ -68,6 +71,14 @@ class Server:
     def peak_rss_bytes(self) -> int:
         """Sum over its processes of each one's peak resident set (VmHWM)."""
         return sum(_status_kib(pid, "VmHWM") * 1024 for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        """Its main process's resident set now (VmRSS)."""
+        return _status_kib(self.pid, "VmRSS") * 1024
+
+    def open_fds(self) -> int:
+        """How many file descriptors its main process holds open now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -104,13 +115,19 @@ def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
 
 
 @contextlib.contextmanager
-def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
-    """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own."""
-    ca_dir = cache_dir.parent / f"{cache_dir.name}-ca"
-    subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(ca_dir), "--force"], check=True,
-                   capture_output=True, cwd=ROOT)
+def hubproxy(origin_control: Origin, cache_dir: Path, *, intercept: bool = True, log_level: str = "WARNING",
+             extra: tuple[str, ...] = ()) -> Iterator[Server]:
+    """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own unless
+    `intercept` is false; its log (stderr) goes to Server.log, replaced at each start."""
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
-            "--log-level", "WARNING", "--intercept", "--ca-dir", str(ca_dir)]
+            "--log-level", log_level, *extra]
+    ca_file = None
+    if intercept:
+        ca_dir = cache_dir.parent / f"{cache_dir.name}-ca"
+        subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(ca_dir), "--force"],
+                       check=True, capture_output=True, cwd=ROOT)
+        args += ["--intercept", "--ca-dir", str(ca_dir)]
+        ca_file = ca_dir / "ca.pem"
     for name in ("tfhub", "kaggle", "gcs"):
         args += ["--upstream", f"{name}={origin_control.urls[name]}"]
     log = cache_dir.parent / f"{cache_dir.name}.log"
@@ -120,7 +137,7 @@ def hubproxy(origin_control: Origin, cache_dir: Path) -> Iterator[Server]:
         line = process.stdout.readline()
         if "listening on " not in line:
             raise SetupError(f"hubproxy did not start: {log.read_text()[-2000:]}")
-        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid, ca_dir / "ca.pem")
+        yield Server("hubproxy", line.split("listening on ")[1].split()[0], process.pid, ca_file, log)
     finally:
         stop_process(process)
 
@@ -201,3 +218,22 @@ def make_archive(path: Path, size: int) -> Path:
             f.write(piece)
             remaining -= len(piece)
     return path
+
+
+@dataclass(frozen=True)
+class Registered:
+    """An archive the origin serves under a fresh model name."""
+
+    handle: str
+    sha256: str
+    size: int
+    model: Model  # for the origin's fault switches
+
+
+def register_random_archive(origin_control: Origin, path: Path, rng: random.Random) -> Registered:
+    """A stand-in archive of 256 KiB to 2 MiB of rng's bytes (a seed replays it), at path, served."""
+    size = rng.randrange(256 << 10, 2 << 20)
+    data = b"\x1f\x8b" + rng.randbytes(size - 2)
+    path.write_bytes(data)
+    model = origin_control.register(path)
+    return Registered(model.handle, hashlib.sha256(data).hexdigest(), size, model)

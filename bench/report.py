@@ -19,7 +19,8 @@ from .scenarios import DIRECT, HUBPROXY, NGINX, Metric
 SERVERS = (HUBPROXY, NGINX, DIRECT)
 
 
-def machine() -> dict[str, str]:
+def machine(programs: tuple[str, ...] = ("nginx", "curl")) -> dict[str, str]:
+    versions = {"nginx": ["nginx", "-v"], "curl": ["curl", "--version"]}
     return {
         "cores": str(os.cpu_count()),
         "memory": f"{_meminfo_kib('MemTotal') / (1 << 20):.1f} GiB",
@@ -28,8 +29,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "hubproxy": metadata.version("hubproxy"),
         "aiohttp": metadata.version("aiohttp"),
-        "nginx": _first_line(["nginx", "-v"]),
-        "curl": _first_line(["curl", "--version"]),
+        **{program: _first_line(versions[program]) for program in programs},
     }
 
 
