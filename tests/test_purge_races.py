@@ -32,14 +32,14 @@ from tests.conftest import http_request
 from tests.in_process import WAIT_SECONDS, Reader, fetching, origin_paused, serving, settings_for
 
 TOKEN = "race-admin-token-0123456789abcdef"
-RACE_REQUESTS = 1500
-PURGE_EVERY = 3  # one request in three is a purge of one spelling
+RACE_REQUESTS = 1350
+PURGE_EVERY = 3  # one request in three is a purge of one spelling or an eviction
 RACE_CLIENTS = 12
 
 
 class PauseAtTheIndex:
-    """Holds the first thread (started while armed) that calls into the index's database just
-    before that call, until resumed: a commit caught after whatever it checked on disk and before
+    """Holds the first thread (of those started once installed) that calls into the index's
+    database after arm(), just before that call, until resumed: a commit caught after whatever it checked on disk and before
     the index knows of it, which is where a purge racing it lands. Instruments SQLite's entry
     point only (threading.setprofile); nothing of hubproxy's is replaced."""
 
@@ -146,12 +146,11 @@ def test_a_hit_whose_blob_vanished_after_the_index_check_is_a_miss_for_get_and_h
     assert answers == [("HEAD", 200, "MISS", b""), ("GET", 200, "MISS", archive.read_bytes())]
 
 
-def _admin_purge(proxy, key: str) -> str:
-    request = urllib.request.Request(proxy.url + "/admin/purge", method="POST",
-                                     data=json.dumps({"handles": [key]}).encode(),
+def _admin(proxy, endpoint: str, body: dict) -> str:
+    request = urllib.request.Request(f"{proxy.url}/admin/{endpoint}", method="POST", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=120) as response:
-        return f"purge {response.status}"
+        return f"{endpoint} {response.status}"
 
 
 def _purge_from_another_process(store: Store, key: str) -> str:
@@ -184,8 +183,11 @@ def test_a_race_loop_of_gets_and_purges_of_two_spellings_crashes_no_flight_and_a
         spelling = i % 2
         if i % PURGE_EVERY:
             return _get(f"{proxy.url}{spellings[spelling]}?tf-hub-format=compressed", archive.read_bytes())
-        if (i // PURGE_EVERY) % 2:
-            return _admin_purge(proxy, keys[spelling])
+        purge = (i // PURGE_EVERY) % 3
+        if purge == 0:
+            return _admin(proxy, "purge", {"handles": [keys[spelling]]})
+        if purge == 1:
+            return _admin(proxy, "evict", {"max_size": "0B"})  # every spelling not being fetched
         return _purge_from_another_process(other_process, keys[spelling])
 
     try:
@@ -197,5 +199,6 @@ def test_a_race_loop_of_gets_and_purges_of_two_spellings_crashes_no_flight_and_a
     log = proxy.log.read_text()
     assert [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line] == [], "a flight crashed"
     gets = RACE_REQUESTS - RACE_REQUESTS // PURGE_EVERY
-    assert outcomes == {"200 right bytes": gets, "purge 200": outcomes["purge 200"],
-                        "purge done": outcomes["purge done"]}, "every GET is a 200 with the archive's bytes"
+    removals = RACE_REQUESTS // PURGE_EVERY
+    assert outcomes == {"200 right bytes": gets, "purge 200": removals // 3, "evict 200": removals // 3,
+                        "purge done": removals // 3}, "every GET is a 200 with the archive's bytes"

@@ -49,8 +49,8 @@ class Housekeeper:
         started = asyncio.get_running_loop().time()
         dropped, strays = await asyncio.to_thread(self._store.reconcile)
         await self._pass(measure=True)  # a cache restarted with a smaller cap shrinks now
-        log.info("index and blobs reconciled, caps enforced in %.2fs: %d entries without a blob dropped, %d stray blobs deleted",
-                 asyncio.get_running_loop().time() - started, dropped, strays)
+        log.info("index and blobs reconciled, caps enforced in %.2fs: %d entries without a blob dropped, "
+                 "%d stray blobs deleted", asyncio.get_running_loop().time() - started, dropped, strays)
         for period in itertools.count(1):
             try:
                 await asyncio.wait_for(self._wake.wait(), PERIOD_SECONDS)
