@@ -1,7 +1,9 @@
 """Background upkeep of a serving cache: hit counts written in batches, and eviction to the caps.
 
 Invariants: eviction starts when usage passes max_size (the high mark) or free disk falls below
-min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); it never takes
+min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); the caps are
+enforced in the start-up pass (a cache restarted with a smaller cap), before it logs that it
+reconciled the index, not a measuring period later; it never takes
 a pinned entry, a key being fetched, or a blob being sent; index work runs in threads; a disk
 that refuses writes is reported and retried a period later, never the end of upkeep.
 """
@@ -12,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import shutil
-import time
 from typing import Callable
 
 from ..metrics import Metrics
@@ -39,7 +40,6 @@ class Housekeeper:
         self._max_size = max_size
         self._min_free = min_free
         self._wake = asyncio.Event()
-        self._created = time.time()  # blobs written after this belong to this process's commits
 
     def poke(self) -> None:
         """Something was committed: check the caps now rather than at the next period."""
@@ -47,10 +47,10 @@ class Housekeeper:
 
     async def run(self) -> None:
         started = asyncio.get_running_loop().time()
-        dropped, strays = await asyncio.to_thread(self._store.reconcile, self._created)
-        log.info("index and blobs reconciled in %.2fs: %d entries without a blob dropped, %d stray blobs deleted",
-                 asyncio.get_running_loop().time() - started, dropped, strays)
-        await self._measure()
+        dropped, strays = await asyncio.to_thread(self._store.reconcile)
+        await self._pass(measure=True)  # a cache restarted with a smaller cap shrinks now
+        log.info("index and blobs reconciled, caps enforced in %.2fs: %d entries without a blob dropped, "
+                 "%d stray blobs deleted", asyncio.get_running_loop().time() - started, dropped, strays)
         for period in itertools.count(1):
             try:
                 await asyncio.wait_for(self._wake.wait(), PERIOD_SECONDS)
@@ -58,14 +58,17 @@ class Housekeeper:
                 pass
             poked = self._wake.is_set()
             self._wake.clear()
-            try:
-                await self._upkeep(measure=poked or period % MEASURE_EVERY == 0)
-            except Exception as e:
-                if (reason := disk_trouble(e)) is None:
-                    log.exception("housekeeping pass failed; trying again next period")
-                else:
-                    self._health.failed(reason, "keeping the index")
-                self._wake.clear()  # that failure asked for a pass: the next period is soon enough
+            await self._pass(measure=poked or period % MEASURE_EVERY == 0)
+
+    async def _pass(self, measure: bool) -> None:
+        try:
+            await self._upkeep(measure)
+        except Exception as e:
+            if (reason := disk_trouble(e)) is None:
+                log.exception("housekeeping pass failed; trying again next period")
+            else:
+                self._health.failed(reason, "keeping the index")
+            self._wake.clear()  # that failure asked for a pass: the next period is soon enough
 
     async def _upkeep(self, measure: bool) -> None:
         await asyncio.to_thread(self._store.write_hits, self._store.take_hits())
@@ -77,9 +80,12 @@ class Housekeeper:
 
     async def _measure(self) -> list:
         entries = await asyncio.to_thread(self._store.entries)
+        self._report(entries)
+        return entries
+
+    def _report(self, entries: list) -> None:
         self._metrics.cache_entries.set(len(entries))
         self._metrics.cache_bytes.set(plans.usage(entries))
-        return entries
 
     async def _evict_if_needed(self, entries: list) -> None:
         target = self._target(plans.usage(entries))
@@ -93,6 +99,8 @@ class Housekeeper:
             log.warning("cache over its cap but nothing can be evicted (pinned, in flight or being served)")
             return
         await asyncio.to_thread(carry_out, self._store, plan)
+        evicted = set(plan.keys)
+        self._report([e for e in entries if e.key not in evicted])  # not stale until the next measure
         self._metrics.evictions.inc(len(plan.keys))
         log.info("evicted %d entries, %d bytes", len(plan.keys), plan.freed)
 

@@ -2,6 +2,10 @@
 
 Invariants: a blob at blobs/sha256/ab/<sha256> is complete and its name is its own hash;
 an index entry is written only after its blob is fsynced and renamed into place;
+a blob is placed and indexed, and deleted, only under the index's write transaction (SQLite's
+lock, which other processes on the cache take too), and deleted only when no entry names it then:
+so a purge never deletes a blob under a commit that names it, and a commit renames its own
+verified file into place rather than count on a stored copy surviving;
 every path this module touches is below the cache root. Knows nothing of HTTP.
 """
 
@@ -138,22 +142,26 @@ class Store:
                 found.update(name for name in os.listdir(shard.path) if SHA256_HEX.fullmatch(name))
         return found
 
-    def reconcile(self, older_than: float) -> tuple[int, int]:
+    def reconcile(self) -> tuple[int, int]:
         """After a crash: drop entries whose blob is gone, delete blobs no entry names (a commit
         interrupted between rename and index write; nothing says under which key it belongs).
-        Only blobs last written before `older_than` (a time.time()) count as strays, so a commit
-        racing this scan is left alone. Returns (entries dropped, blobs deleted)."""
+        Both are decided again under the index's lock, so commits racing the scan are left
+        alone. Returns (entries dropped, blobs deleted)."""
         entries, blobs = self.entries(), self.stored_blobs()
-        dangling = [e.key for e in entries if e.sha256 not in blobs]
-        self.remove_keys(dangling)
-        deleted = 0
-        for sha256 in blobs - {e.sha256 for e in entries}:
-            blob = self.blob_path(sha256)
-            with contextlib.suppress(FileNotFoundError):
-                if blob.stat().st_mtime < older_than:
-                    blob.unlink()
-                    deleted += 1
-        return len(dangling), deleted
+        dropped = self._drop_blobless([e.key for e in entries if e.sha256 not in blobs])
+        return dropped, len(self.delete_unused_blobs(sorted(blobs - {e.sha256 for e in entries})))
+
+    def _drop_blobless(self, keys: list[str]) -> int:
+        """Remove those entries whose blob is still missing now; returns how many."""
+        dropped = 0
+        with self._index_write(), self._index.transact():
+            for key in keys:
+                raw = self._index.get(key)
+                if raw is not None and not os.path.isfile(self._blob_file(raw["sha256"])):
+                    self._index.delete(key)
+                    self._memo.pop(key, None)
+                    dropped += 1
+        return dropped
 
     def blobs_in_use(self) -> dict[str, list[str]]:
         """sha256 → the keys naming it."""
@@ -179,14 +187,17 @@ class Store:
                 self._memo.pop(key, None)
 
     def delete_unused_blobs(self, sha256s: list[str]) -> list[str]:
-        """Delete those blobs no index entry names any more; returns the ones deleted. A client
-        still reading a deleted blob keeps its open file to the end."""
-        in_use = self.blobs_in_use()
+        """Delete those blobs no index entry names any more; returns the ones deleted. Decided and
+        done under the index's lock, which commits take to place and index a blob. A client still
+        reading a deleted blob keeps its open file to the end."""
         deleted = []
-        for sha256 in sha256s:
-            if sha256 not in in_use:
-                self.blob_path(sha256).unlink(missing_ok=True)
-                deleted.append(sha256)
+        with self._index_write(), self._index.transact():
+            in_use = self.blobs_in_use()
+            for sha256 in sha256s:
+                if sha256 not in in_use:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.blob_path(sha256).unlink()
+                        deleted.append(sha256)
         return deleted
 
     def quarantine(self, sha256: str) -> Path | None:
@@ -221,37 +232,43 @@ class Store:
     def commit(self, key: str, temp_path: Path, sha256: str, size: int, *,
                etag: str | None, content_type: str, source: str, durable: bool = True) -> Entry:
         """Move a verified temp file into place and index it; blocking, run it in a thread.
+        The temp file becomes the blob even when another key's identical copy is stored (a purge
+        may be deleting that one), atomically replacing it; the rename and the entry are made
+        under the index's lock, so a purge sees both or neither.
         `durable=False` skips the fsyncs (bulk loads such as the benchmark's synthetic index)."""
         blob = self.blob_path(sha256)
         blob.parent.mkdir(exist_ok=True)
-        placed = False
-        if blob.is_file() and blob.stat().st_size == size:
-            temp_path.unlink()  # the same bytes are already stored under another key
-        else:
-            if durable:
-                _fsync_file(temp_path)
-            os.replace(temp_path, blob)
-            placed = True
+        if durable:
+            _fsync_file(temp_path)
         try:
-            if durable and placed:
-                _fsync_dir(blob.parent)
-            return self.add_key(key, sha256, size, etag=etag, content_type=content_type, source=source)
+            with self._index_write(), self._index.transact():
+                os.replace(temp_path, blob)
+                if durable:
+                    _fsync_dir(blob.parent)
+                return self._index_entry(key, sha256, size, etag=etag, content_type=content_type, source=source)
         except BaseException:
-            if placed:  # no index entry will ever point at it
-                blob.unlink(missing_ok=True)
+            self._memo.pop(key, None)
+            with contextlib.suppress(Exception):  # a disk that refused the entry may refuse this too: reconcile
+                self.delete_unused_blobs([sha256])
             raise
 
     def add_key(self, key: str, sha256: str, size: int, *, etag: str | None, content_type: str,
                 source: str) -> Entry:
-        """Index key → a blob that is already stored (another spelling of the same archive)."""
-        blob = self.blob_path(sha256)
-        if not blob.is_file() or blob.stat().st_size != size:
-            raise FileNotFoundError(f"no stored blob {sha256} of {size} bytes")
+        """Index key → a blob that is already stored (another spelling of the same archive); raises
+        FileNotFoundError when it is not, or no longer is."""
+        with self._index_write(), self._index.transact():
+            blob = self.blob_path(sha256)
+            if not blob.is_file() or blob.stat().st_size != size:
+                raise FileNotFoundError(f"no stored blob {sha256} of {size} bytes")
+            return self._index_entry(key, sha256, size, etag=etag, content_type=content_type, source=source)
+
+    def _index_entry(self, key: str, sha256: str, size: int, *, etag: str | None, content_type: str,
+                     source: str) -> Entry:
+        """Write key's entry; callers hold the index's lock and have the blob in place."""
         now = time.time()
         entry = Entry(key=key, sha256=sha256, size=size, etag=etag, content_type=content_type,
                       source=source, fetched=now, last_access=now)
-        with self._index_write():
-            self._index.set(key, dataclasses.asdict(entry))
+        self._index.set(key, dataclasses.asdict(entry))
         self._remember(entry, time.monotonic())
         return entry
 

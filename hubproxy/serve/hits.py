@@ -109,6 +109,8 @@ async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> w
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{entry.size}"
     if request.method == "HEAD":
+        if not request.app[STORE].has_blob(entry):
+            return None  # as GET would learn at the open: a miss
         _count(request, entry, outcome)
         return web.Response(status=status, headers=headers)
     return await _send_blob(request, entry, outcome, web.StreamResponse(status=status, headers=headers), start, stop)
