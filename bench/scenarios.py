@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubproxy.cache import plans
+from hubproxy.cache import operations, plans
 from hubproxy.cache.store import Store
 
 from . import clients, harness
@@ -295,8 +295,7 @@ def _eviction_pass_seconds(cache_dir: Path) -> float:
         started = time.monotonic()
         entries = store.entries()
         plan = plans.to_fit(entries, int(plans.usage(entries) * 0.99))
-        store.remove_keys(plan.keys)
-        store.delete_unused_blobs(plan.blobs)
+        operations.carry_out(store, plan)
         return time.monotonic() - started
     finally:
         store.close()
