@@ -2,7 +2,8 @@
 digests computed while they arrive, and the checks of one against the other.
 
 Invariants: sha256 is always computed (it names the blob); a fetch with neither a length nor a
-checksum, an archive whose body is not gzip, or a file without a checksum, is refused; a check
+checksum, a body with a Content-Encoding other than identity, an archive whose body is not gzip,
+or a file without a checksum, is refused; a check
 either passes or raises FetchFailed(502) naming what did not match.
 """
 
@@ -26,6 +27,7 @@ class Evidence:
     crc32c: int | None
     etag: str | None
     content_type: str
+    content_encoding: str = "identity"
 
     @classmethod
     def from_headers(cls, headers) -> "Evidence":
@@ -45,6 +47,7 @@ class Evidence:
             crc32c=crc32c,
             etag=headers.get("ETag"),
             content_type=headers.get("Content-Type", "application/octet-stream"),
+            content_encoding=", ".join(headers.getall("Content-Encoding", [])) or "identity",
         )
 
 
@@ -100,7 +103,12 @@ class Digests:
 
 def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
     """Before the body: refuse what we could never vouch for. An archive is checked for its gzip
-    start too; a file (kagglehub's) has no magic to check, so its checksum is required."""
+    start too; a file (kagglehub's) has no magic to check, so its checksum is required. A body
+    encoded although we asked for identity is not the object's bytes (nor what its checksum covers
+    when the origin transcoded it), and decoding it would hide that: it is refused."""
+    if evidence.content_encoding.strip().lower() != "identity":
+        raise FetchFailed(502, f"upstream sent Content-Encoding {evidence.content_encoding[:40]!r} although "
+                               "hubproxy asked for identity; refusing the encoded bytes")
     if archive and evidence.content_type.split(";")[0].strip().lower() == "text/html":
         raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
     if not archive and evidence.md5 is None and evidence.crc32c is None:
