@@ -3,7 +3,8 @@ digests computed while they arrive, and the checks of one against the other.
 
 Invariants: sha256 is always computed (it names the blob); a fetch with neither a length nor a
 checksum, a body with a Content-Encoding other than identity, an archive whose body is not gzip,
-or a file without a checksum, is refused; a check
+or a file without a checksum, is refused; an archive without a checksum must prove itself sound
+(one complete gzip stream of a tar that reaches its end); a check
 either passes or raises FetchFailed(502) naming what did not match.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import google_crc32c
 
+from .archive_integrity import ArchiveIntegrity
 from .errors import FetchFailed
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -70,17 +72,22 @@ def _b64(text: str) -> bytes | None:
 
 
 class Digests:
-    """sha256 always; the origin's crc32c when given, else its md5.
+    """sha256 always; the origin's crc32c when given, else its md5; for an archive the origin gave
+    no checksum for, the archive's own integrity instead (archive_integrity).
 
-    Either catches transfer corruption; crc32c runs at ~15 GB/s where md5 manages ~0.8 GB/s,
-    which would make md5 the slowest step of every miss.
+    Either checksum catches transfer corruption; crc32c runs at ~15 GB/s where md5 manages ~0.8
+    GB/s, which would make md5 the slowest step of every miss. Inflating an archive costs more
+    still (zlib: ~1 GB/s of incompressible weights, far less of text), so it is only done when the
+    origin's checksum is missing.
     """
 
-    def __init__(self, evidence: Evidence):
+    def __init__(self, evidence: Evidence, archive: bool = True):
         self.sha256 = hashlib.sha256()
         self.crc32c = google_crc32c.Checksum() if evidence.crc32c is not None else None
         wants_md5 = evidence.md5 is not None and self.crc32c is None
         self.md5 = hashlib.md5(usedforsecurity=False) if wants_md5 else None
+        unchecked = self.crc32c is None and self.md5 is None
+        self.integrity = ArchiveIntegrity() if archive and unchecked else None
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
@@ -88,6 +95,8 @@ class Digests:
             self.md5.update(data)
         if self.crc32c is not None:
             self.crc32c.update(data)
+        if self.integrity is not None:
+            self.integrity.update(data)  # raises FetchFailed as soon as the archive shows itself unsound
 
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
@@ -123,10 +132,13 @@ def check_archive_start(first_bytes: bytes) -> None:
 
 
 def check_complete(evidence: Evidence, received: int, digests: Digests) -> None:
-    """After the body: every byte the origin promised arrived, and they match its checksum."""
+    """After the body: every byte the origin promised arrived, and they match its checksum (or,
+    lacking one, make a sound archive)."""
     expected = evidence.content_length
     if expected is not None and received != expected:
         raise FetchFailed(502, f"upstream sent {received} of {expected} bytes")
     bad = digests.mismatch(evidence)
     if bad:
         raise FetchFailed(502, f"upstream bytes do not match its own {bad} checksum")
+    if digests.integrity is not None:
+        digests.integrity.verify()
