@@ -18,6 +18,7 @@ import google_crc32c
 
 from .archive_integrity import ArchiveIntegrity
 from .errors import FetchFailed
+from .media_type import safe_media_type
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -48,7 +49,7 @@ class Evidence:
             md5=md5,
             crc32c=crc32c,
             etag=headers.get("ETag"),
-            content_type=headers.get("Content-Type", "application/octet-stream"),
+            content_type=safe_media_type(headers.get("Content-Type")),
             content_encoding=", ".join(headers.getall("Content-Encoding", [])) or "identity",
         )
 

@@ -21,6 +21,7 @@ import aiohttp
 from ..config import Settings
 from ..handles import strip_query
 from .errors import FetchFailed
+from .media_type import safe_media_type
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ class Upstream:
                 raise _status_error(response, url)
             body = await _capped_body(response, url)
             location = response.headers.get("Location") if response.status in _REDIRECTS else None
-            return Answer(response.status, body, response.headers.get("Content-Type", ""), location)
+            return Answer(response.status, body, safe_media_type(response.headers.get("Content-Type"), default=""),
+                          location)
         finally:
             response.release()
 
