@@ -5,8 +5,9 @@ Invariants: one process, five 127.0.0.1 sites (tfhub, kaggle, kaggle-api, gcs, c
 state (tests/origin_state.py); object bytes are streamed from disk in chunks, with headers (length,
 hashes) always of the good file (of the encoded bytes under content_encoding); every non-control
 request is logged at arrival, with its Range, its Accept-Encoding and whether it carried
-Authorization (never its value); nothing misbehaves unless a /_control/ switch says so. A model's member files (tests/origin_files.py) are objects like its archive: signed,
-expiring, ranged, and subject to the same fault switches, keyed by object name.
+Authorization (never its value); nothing misbehaves unless a /_control/ switch says so. A model's
+member files (tests/origin_files.py) are objects like its archive: signed, expiring, ranged, and
+subject to the same fault switches, keyed by object name.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ it, else application/octet-stream.
 
 Invariants: what `safe_media_type` returns (unless it is the caller's default) is printable ASCII
 without CR or LF, at most MAX_LENGTH long: `type/subtype` of RFC 9110 tokens with `; name=value`
-parameters (a token or a quoted-string of ASCII). An origin's bytes that are not latin-1 (raw UTF-8, which aiohttp's client decodes, or
-undecodable bytes kept as surrogates) never reach a stored entry or a response header, where they
-would break every response that carries them.
+parameters (a token or a quoted-string of ASCII). An origin's bytes that are not latin-1 (raw
+UTF-8, which aiohttp's client decodes, or undecodable bytes kept as surrogates) never reach a
+stored entry or a response header, where they would break every response that carries them.
 """
 
 from __future__ import annotations
