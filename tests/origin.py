@@ -3,10 +3,11 @@ the Kaggle models API kagglehub calls (kaggle-api -> signed GCS URL of the archi
 
 Invariants: one process, five 127.0.0.1 sites (tfhub, kaggle, kaggle-api, gcs, canary) sharing one
 state (tests/origin_state.py); object bytes are streamed from disk in chunks, with headers (length,
-hashes) always of the good file; every non-control request is logged at arrival, with its Range and
-whether it carried Authorization (never its value); nothing misbehaves unless a /_control/ switch
-says so. A model's member files (tests/origin_files.py) are objects like its archive: signed,
-expiring, ranged, and subject to the same fault switches, keyed by object name.
+hashes) always of the good file (of the encoded bytes under content_encoding); every non-control
+request is logged at arrival, with its Range, its Accept-Encoding and whether it carried
+Authorization (never its value); nothing misbehaves unless a /_control/ switch says so. A model's
+member files (tests/origin_files.py) are objects like its archive: signed, expiring, ranged, and
+subject to the same fault switches, keyed by object name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import calendar
 import email.utils
 import functools
+import hashlib
 import hmac
 import json
 import os
@@ -24,12 +26,13 @@ import secrets
 import signal
 import tempfile
 import time
+import zlib
 
 from aiohttp import web
 
 from origin_files import model_from_request
 from origin_kaggle import make_kaggle_api_app
-from origin_state import Blob, State, authorized, redirect_target, sign
+from origin_state import Blob, State, authorized, new_crc32c, redirect_target, sign
 
 SITES = ("tfhub", "kaggle", "kaggle-api", "gcs", "canary")
 CHUNK_SIZE = 256 * 1024
@@ -39,6 +42,9 @@ UNSATISFIABLE = "unsatisfiable"
 SWITCHES = {
     "truncate_at", "corrupt_at", "status", "status_count", "throttle_bps",
     "hold_after", "html", "redirect_to", "down",
+    # headers that misbehave: a body really encoded, an encoding only claimed, any Content-Type
+    # (sent as its raw UTF-8 bytes), x-goog-hash and ETag dropped
+    "content_encoding", "claimed_encoding", "content_type", "no_checksum",
 }
 
 
@@ -212,7 +218,8 @@ def make_kaggle_app(state: State) -> web.Application:
         model = lookup(request)
         if not authorized(model, request.headers.get("Authorization")):
             raise web.HTTPUnauthorized(text="Unauthorized")
-        raise web.HTTPFound(redirect_target(state, model.archive))
+        # Sent verbatim (HTTPFound would normalise it): a redirect_to may be a crafted Location.
+        return web.Response(status=302, headers={"Location": redirect_target(state, model.archive)})
 
     app = web.Application()
     app.router.add_get(
@@ -266,8 +273,11 @@ async def serve_object(request, state: State, blob: Blob, switches: dict) -> web
         resp = gcs_error(416, "InvalidRange", "The requested range cannot be satisfied.")
         resp.headers["Content-Range"] = f"bytes */{blob.size}"
         return resp
+    if switches.get("content_encoding"):
+        return await encoded_object(blob, switches)
     start, stop = wanted or (0, blob.size)
-    resp = web.StreamResponse(status=206 if wanted else 200, headers=object_headers(blob))
+    headers = misbehaving_headers(object_headers(blob), switches)
+    resp = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     if wanted:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
     resp.content_length = stop - start
@@ -280,6 +290,39 @@ async def serve_object(request, state: State, blob: Blob, switches: dict) -> web
     except ConnectionError:
         pass  # the client went away (or we are shutting down): nothing left to answer
     return resp
+
+
+def misbehaving_headers(headers: dict[str, str], switches: dict) -> dict[str, str]:
+    """An object's headers as the header switches change them."""
+    headers = dict(headers)
+    if switches.get("no_checksum"):
+        headers.pop("x-goog-hash")
+        headers.pop("ETag")
+    if switches.get("claimed_encoding"):
+        headers["Content-Encoding"] = switches["claimed_encoding"]
+    if switches.get("content_type"):
+        headers["Content-Type"] = switches["content_type"]  # aiohttp writes a str header as UTF-8
+    return headers
+
+
+def encoded_bytes(path: str, wbits: int) -> bytes:
+    with open(path, "rb") as fh:
+        compressor = zlib.compressobj(wbits=wbits)
+        return compressor.compress(fh.read()) + compressor.flush()
+
+
+async def encoded_object(blob: Blob, switches: dict) -> web.Response:
+    """The whole object encoded as the content_encoding switch says ("gzip" or "deflate"), with the
+    length and checksums of the encoded bytes, as an origin storing it encoded would send it."""
+    encoding = switches["content_encoding"]
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
+    body = await asyncio.to_thread(encoded_bytes, blob.file, wbits)
+    crc = new_crc32c()
+    crc.update(body)
+    headers = {**object_headers(blob), "Content-Encoding": encoding, "ETag": f'"{hashlib.md5(body).hexdigest()}"',
+               "x-goog-hash": f"crc32c={base64.b64encode(crc.digest()).decode()},"
+                              f"md5={base64.b64encode(hashlib.md5(body).digest()).decode()}"}
+    return web.Response(body=body, headers=misbehaving_headers(headers, switches))
 
 
 def make_canary_app(state: State) -> web.Application:
@@ -300,7 +343,8 @@ def add_request_log(app: web.Application, state: State, site: str) -> None:
         if site == "tfhub" and request.path.startswith(CONTROL_PREFIX):
             return await handler(request)
         entry = {"site": site, "method": request.method, "path": request.path, "status": None,
-                 "range": request.headers.get("Range"), "authorization": "Authorization" in request.headers}
+                 "range": request.headers.get("Range"), "authorization": "Authorization" in request.headers,
+                 "accept_encoding": request.headers.get("Accept-Encoding")}
         state.log.append(entry)
         request["log_entry"] = entry
         try:

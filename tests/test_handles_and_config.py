@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from yarl import URL
 
 from hubproxy.config import ConfigError, Settings, load_settings
 from hubproxy.handles import BadHandle, parse_request_target, tfhub_cache_name
@@ -51,19 +52,19 @@ def test_bad_targets(target):
 
 def test_host_policy_allows_upstreams_and_allowlist_only():
     policy = HostPolicy(Settings())
-    policy.check("https://tfhub.dev/google/x/1")
-    policy.check("https://storage.googleapis.com/kaggle-models-data/1/x.tar.gz?sig=1")
-    policy.check("https://www.kaggle.com/api/v1/models/a/b/c/d/1/download")
+    policy.check(URL("https://tfhub.dev/google/x/1"))
+    policy.check(URL("https://storage.googleapis.com/kaggle-models-data/1/x.tar.gz?sig=1"))
+    policy.check(URL("https://www.kaggle.com/api/v1/models/a/b/c/d/1/download"))
     for url in ("https://169.254.169.254/latest/meta-data", "https://storage.googleapis.com:8443/x",
                 "https://evil.example/x", "file:///etc/passwd"):
         with pytest.raises(FetchFailed):
-            policy.check(url)
+            policy.check(URL(url))
 
 
 def test_host_policy_refuses_https_downgrade():
     policy = HostPolicy(Settings())
     with pytest.raises(FetchFailed, match="https to plain http"):
-        policy.check("http://storage.googleapis.com/x", previous="https://www.kaggle.com/y")
+        policy.check(URL("http://storage.googleapis.com/x"), previous=URL("https://www.kaggle.com/y"))
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path):

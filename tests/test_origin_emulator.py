@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,42 @@ def test_redirect_to_canary_is_logged(urls, model):
     assert fetch(model.tfhub_url) == b"canary"
     assert ("canary", "GET", "/metadata", 200) in requests_log(urls)
     assert not any(site == "gcs" for site, *_ in requests_log(urls))
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 16 + zlib.MAX_WBITS), ("deflate", zlib.MAX_WBITS)])
+def test_content_encoding_really_encodes_the_body_with_matching_length_and_hashes(model, encoding, wbits):
+    model.faults(content_encoding=encoding)
+    status, headers, body = raw(model.signed_url())
+    assert (status, headers["Content-Encoding"], int(headers["Content-Length"])) == (200, encoding, len(body))
+    assert zlib.decompress(body, wbits=wbits) == model.data
+    assert f"md5={base64.b64encode(hashlib.md5(body).digest()).decode()}" in headers["x-goog-hash"]
+
+
+def test_claimed_encoding_only_adds_the_header(model):
+    model.faults(claimed_encoding="br")
+    status, headers, body = raw(model.signed_url())
+    assert (status, headers["Content-Encoding"], body) == (200, "br", model.data)
+
+
+def test_content_type_is_sent_as_raw_utf8_bytes(model):
+    model.faults(content_type="application/x-tar; name=\u2603")
+    status, headers, _ = raw(model.signed_url())
+    assert status == 200
+    assert headers["Content-Type"].encode("latin-1") == "application/x-tar; name=\u2603".encode()
+
+
+def test_no_checksum_drops_x_goog_hash_and_etag(model):
+    model.faults(no_checksum=True)
+    status, headers, body = raw(model.signed_url())
+    assert (status, body, int(headers["Content-Length"])) == (200, model.data, len(model.data))
+    assert "x-goog-hash" not in headers and "ETag" not in headers
+
+
+def test_redirect_to_is_sent_verbatim(model):
+    crafted = "http://127.0.0.2:1\\@127.0.0.1:2/x"
+    model.faults(redirect_to=crafted)
+    status, headers, _ = raw(model.download_url)
+    assert (status, headers["Location"]) == (302, crafted)
 
 
 def test_reset_clears_faults_and_log(urls, model):

@@ -2,7 +2,9 @@
 digests computed while they arrive, and the checks of one against the other.
 
 Invariants: sha256 is always computed (it names the blob); a fetch with neither a length nor a
-checksum, an archive whose body is not gzip, or a file without a checksum, is refused; a check
+checksum, a body with a Content-Encoding other than identity, an archive whose body is not gzip,
+or a file without a checksum, is refused; an archive without a checksum must prove itself sound
+(one complete gzip stream of a tar that reaches its end); a check
 either passes or raises FetchFailed(502) naming what did not match.
 """
 
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 
 import google_crc32c
 
+from .archive_integrity import ArchiveIntegrity
 from .errors import FetchFailed
+from .media_type import safe_media_type
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -26,6 +30,7 @@ class Evidence:
     crc32c: int | None
     etag: str | None
     content_type: str
+    content_encoding: str = "identity"
 
     @classmethod
     def from_headers(cls, headers) -> "Evidence":
@@ -44,7 +49,8 @@ class Evidence:
             md5=md5,
             crc32c=crc32c,
             etag=headers.get("ETag"),
-            content_type=headers.get("Content-Type", "application/octet-stream"),
+            content_type=safe_media_type(headers.get("Content-Type")),
+            content_encoding=", ".join(headers.getall("Content-Encoding", [])) or "identity",
         )
 
 
@@ -67,17 +73,22 @@ def _b64(text: str) -> bytes | None:
 
 
 class Digests:
-    """sha256 always; the origin's crc32c when given, else its md5.
+    """sha256 always; the origin's crc32c when given, else its md5; for an archive the origin gave
+    no checksum for, the archive's own integrity instead (archive_integrity).
 
-    Either catches transfer corruption; crc32c runs at ~15 GB/s where md5 manages ~0.8 GB/s,
-    which would make md5 the slowest step of every miss.
+    Either checksum catches transfer corruption; crc32c runs at ~15 GB/s where md5 manages ~0.8
+    GB/s, which would make md5 the slowest step of every miss. Inflating an archive costs more
+    still (zlib: ~1 GB/s of incompressible weights, far less of text), so it is only done when the
+    origin's checksum is missing.
     """
 
-    def __init__(self, evidence: Evidence):
+    def __init__(self, evidence: Evidence, archive: bool = True):
         self.sha256 = hashlib.sha256()
         self.crc32c = google_crc32c.Checksum() if evidence.crc32c is not None else None
         wants_md5 = evidence.md5 is not None and self.crc32c is None
         self.md5 = hashlib.md5(usedforsecurity=False) if wants_md5 else None
+        unchecked = self.crc32c is None and self.md5 is None
+        self.integrity = ArchiveIntegrity() if archive and unchecked else None
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
@@ -85,6 +96,8 @@ class Digests:
             self.md5.update(data)
         if self.crc32c is not None:
             self.crc32c.update(data)
+        if self.integrity is not None:
+            self.integrity.update(data)  # raises FetchFailed as soon as the archive shows itself unsound
 
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
@@ -100,7 +113,12 @@ class Digests:
 
 def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
     """Before the body: refuse what we could never vouch for. An archive is checked for its gzip
-    start too; a file (kagglehub's) has no magic to check, so its checksum is required."""
+    start too; a file (kagglehub's) has no magic to check, so its checksum is required. A body
+    encoded although we asked for identity is not the object's bytes (nor what its checksum covers
+    when the origin transcoded it), and decoding it would hide that: it is refused."""
+    if evidence.content_encoding.strip().lower() != "identity":
+        raise FetchFailed(502, f"upstream sent Content-Encoding {evidence.content_encoding[:40]!r} although "
+                               "hubproxy asked for identity; refusing the encoded bytes")
     if archive and evidence.content_type.split(";")[0].strip().lower() == "text/html":
         raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
     if not archive and evidence.md5 is None and evidence.crc32c is None:
@@ -115,10 +133,13 @@ def check_archive_start(first_bytes: bytes) -> None:
 
 
 def check_complete(evidence: Evidence, received: int, digests: Digests) -> None:
-    """After the body: every byte the origin promised arrived, and they match its checksum."""
+    """After the body: every byte the origin promised arrived, and they match its checksum (or,
+    lacking one, make a sound archive)."""
     expected = evidence.content_length
     if expected is not None and received != expected:
         raise FetchFailed(502, f"upstream sent {received} of {expected} bytes")
     bad = digests.mismatch(evidence)
     if bad:
         raise FetchFailed(502, f"upstream bytes do not match its own {bad} checksum")
+    if digests.integrity is not None:
+        digests.integrity.verify()

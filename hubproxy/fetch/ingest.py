@@ -2,9 +2,10 @@
 written to the temp file in another, checked against the origin's evidence, then committed.
 
 Invariants: an entry is committed only when the byte count and every checksum the origin gave
-match; at most MAX_PENDING_BATCHES received batches wait for the hasher and the writer, which
-bounds memory; when the disk refuses the bytes (full, read-only) the fetch goes on in memory for
-the readers it has, paced by the slowest, and stores nothing; every ending reaches the flight.
+match (an archive it gave none for must prove itself sound: fetch/archive_integrity.py); at most
+MAX_PENDING_BATCHES received batches wait for the hasher and the writer, which bounds memory;
+when the disk refuses the bytes (full, read-only) the fetch goes on in memory for the readers it
+has, paced by the slowest, and stores nothing; every ending reaches the flight.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Ingest:
                 flight.evidence = Evidence.from_headers(response.headers)
                 refuse_unverifiable(flight.evidence, archive=flight.archive)
                 write_fd = self._open_temp()
-                digests = Digests(flight.evidence)
+                digests = Digests(flight.evidence, archive=flight.archive)
                 await self._stream(response, write_fd, digests)
             if write_fd is not None:
                 os.close(write_fd)

@@ -2,25 +2,29 @@
 single JSON calls (kagglehub's RPCs) answered as they are.
 
 Invariants: no request ever goes to a host that is neither a configured upstream nor on the
-redirect allowlist (checked before each hop, https never downgraded); bodies are never
-decompressed; signed URLs (their query strings) and a caller's Authorization never appear in
-errors or logs; a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
-so its JSON body is sent to the first host only, and Authorization only ever by `call`.
+redirect allowlist (checked before each hop, https never downgraded); every URL is parsed once,
+by yarl, and the object checked is the object fetched (a Location that does not parse, or that
+carries userinfo, is a 502); bodies are never decompressed and only identity is asked for;
+signed URLs (their query strings) and a caller's Authorization never appear in errors or logs; a
+POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do), so its JSON body
+is sent to the first host only, and Authorization only ever by `call`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.parse
+import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
+from yarl import URL
 
 from ..config import Settings
 from ..handles import strip_query
 from .errors import FetchFailed
+from .media_type import safe_media_type
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ MAX_RETRY_AFTER_SECONDS = 30.0
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRYABLE = {429, 500, 502, 503, 504}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_AUTHORITY = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#]*)")  # RFC 3986, appendix B
 T = TypeVar("T")
 
 
@@ -43,29 +48,63 @@ class Answer:
 
 
 class HostPolicy:
-    """Which hosts we may talk to: the configured upstreams plus the redirect allowlist."""
+    """Which hosts we may talk to: the configured upstreams plus the redirect allowlist. It judges
+    yarl URLs, the very objects then handed to aiohttp, so what is checked is what is fetched."""
 
     def __init__(self, settings: Settings):
         self._allowed: set[tuple[str, int | None]] = set()
         for url in settings.upstreams.values():
-            parts = urllib.parse.urlsplit(url)
-            self._allowed.add((parts.hostname or "", parts.port or _DEFAULT_PORTS[parts.scheme]))
+            parsed = URL(url)
+            self._allowed.add((parsed.host or "", parsed.port))
         for entry in settings.allow_redirect_hosts:
             host, _, port = entry.lower().partition(":")
             self._allowed.add((host, int(port) if port else None))
 
-    def check(self, url: str, previous: str | None = None) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in _DEFAULT_PORTS:
-            raise FetchFailed(502, f"upstream redirected to a non-http URL scheme {parts.scheme!r}")
-        if previous is not None and previous.startswith("https:") and parts.scheme != "https":
-            raise FetchFailed(502, f"upstream redirected from https to plain http ({strip_query(url)})")
-        host = (parts.hostname or "").lower()
-        port = parts.port or _DEFAULT_PORTS[parts.scheme]
-        default_port = port == _DEFAULT_PORTS[parts.scheme]
+    def check(self, url: URL, previous: URL | None = None) -> None:
+        if url.scheme not in _DEFAULT_PORTS:
+            raise FetchFailed(502, f"upstream redirected to a non-http URL scheme {url.scheme!r}")
+        if previous is not None and previous.scheme == "https" and url.scheme != "https":
+            raise FetchFailed(502, f"upstream redirected from https to plain http ({_shown(url)})")
+        if not url.host:
+            raise FetchFailed(502, f"upstream redirected to a URL without a host ({_shown(url)})")
+        host, port = url.host.lower(), url.port
+        default_port = port == _DEFAULT_PORTS[url.scheme]
         if (host, port) in self._allowed or (default_port and (host, None) in self._allowed):
             return
-        raise FetchFailed(502, f"upstream redirected to {parts.netloc!r}, which is not an allowed host")
+        raise FetchFailed(502, f"upstream redirected to {url.raw_authority!r}, which is not an allowed host")
+
+
+def redirect_target(current: URL, location: str) -> URL:
+    """The URL a redirect's Location names, resolved against the hop that sent it: parsed once, by
+    yarl, as aiohttp will fetch it. FetchFailed(502) when yarl cannot parse it (a bad port or host, a
+    backslash in the authority, which other parsers read otherwise) or it carries userinfo, which
+    no storage redirect needs and which parsers have disagreed on."""
+    authority = _AUTHORITY.match(location)
+    if authority and "@" in authority.group(1):
+        raise FetchFailed(502, f"upstream redirected to a URL with userinfo ({_shown(location)}); refused")
+    try:
+        location.encode()  # undecodable bytes (kept as surrogates) yarl would silently drop
+        target = current.join(URL(location))
+    except (ValueError, TypeError) as e:
+        raise FetchFailed(502, f"upstream redirected to an unparseable URL ({_shown(location)}): {e}") from None
+    return target
+
+
+def _own_url(url: str) -> URL:
+    """A URL of our own making (a configured upstream's, a relayed target), parsed as for a redirect."""
+    try:
+        return URL(url)
+    except (ValueError, TypeError) as e:
+        raise FetchFailed(502, f"cannot parse the upstream URL {_shown(url)}: {e}") from None
+
+
+def _shown(url: URL | str) -> str:
+    """A URL fit for a one-line message: no query (signatures), no userinfo, bounded, escaped."""
+    text = str(url).split("?", 1)[0].split("#", 1)[0]
+    authority = _AUTHORITY.match(text)
+    if authority and "@" in authority.group(1):
+        text = text[:authority.start(1)] + "...@" + text[authority.start(1):].split("@", 1)[1]
+    return ascii(text[:200])[1:-1] + ("..." if len(text) > 200 else "")
 
 
 class Upstream:
@@ -107,9 +146,10 @@ class Upstream:
     async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """One GET of url as it is (its query kept), answered with any status, no redirect
         followed, nothing retried (a relayed request); caller closes it."""
-        self._policy.check(url)
+        parsed = _own_url(url)
+        self._policy.check(parsed)
         try:
-            return await self._request("GET", url, headers=headers)
+            return await self._request("GET", parsed, headers=headers)
         except _Transient as trouble:
             raise FetchFailed(trouble.status, trouble.message) from None
 
@@ -130,13 +170,13 @@ class Upstream:
 
     async def _follow(self, url: str, method: str, json: dict | None) -> aiohttp.ClientResponse:
         assert self._session is not None, "use Upstream as an async context manager"
-        previous = None
+        previous, url = None, _own_url(url)
         for _ in range(MAX_REDIRECTS + 1):
             self._policy.check(url, previous)
             response = await self._request(method, url, json=json)
             if response.status in _REDIRECTS and "Location" in response.headers:
-                previous, url = url, urllib.parse.urljoin(url, response.headers["Location"])
                 response.release()
+                previous, url = url, redirect_target(url, response.headers["Location"])
                 if method == "POST" and response.status in (301, 302, 303):
                     method, json = "GET", None  # as browsers do; a HEAD stays a HEAD all the way
                 continue
@@ -146,36 +186,38 @@ class Upstream:
         raise FetchFailed(502, f"upstream redirected more than {MAX_REDIRECTS} times")
 
     async def _call_once(self, url: str, json: dict, headers: dict) -> Answer:
-        self._policy.check(url)
-        response = await self._request("POST", url, json=json, headers=headers)
+        parsed = _own_url(url)
+        self._policy.check(parsed)
+        response = await self._request("POST", parsed, json=json, headers=headers)
         try:
             if response.status in _RETRYABLE:
                 raise _status_error(response, url)
             body = await _capped_body(response, url)
             location = response.headers.get("Location") if response.status in _REDIRECTS else None
-            return Answer(response.status, body, response.headers.get("Content-Type", ""), location)
+            return Answer(response.status, body, safe_media_type(response.headers.get("Content-Type"), default=""),
+                          location)
         finally:
             response.release()
 
-    async def _request(self, method: str, url: str, json: dict | None = None,
+    async def _request(self, method: str, url: URL, json: dict | None = None,
                        headers: dict | None = None) -> aiohttp.ClientResponse:
         try:
             return await self._session.request(method, url, allow_redirects=False, json=json, headers=headers)
         except asyncio.TimeoutError:
-            raise _Transient(504, f"upstream {strip_query(url)} timed out") from None
+            raise _Transient(504, f"upstream {strip_query(str(url))} timed out") from None
         except aiohttp.ClientError as e:
-            raise _Transient(502, f"cannot reach upstream {strip_query(url)}: {type(e).__name__}") from None
+            raise _Transient(502, f"cannot reach upstream {strip_query(str(url))}: {type(e).__name__}") from None
 
 
-async def _capped_body(response: aiohttp.ClientResponse, url: str) -> bytes:
+async def _capped_body(response: aiohttp.ClientResponse, url: URL) -> bytes:
     body = bytearray()
     try:
         async for piece in response.content.iter_chunked(64 * 1024):
             body += piece
             if len(body) > MAX_ANSWER_BYTES:
-                raise FetchFailed(502, f"upstream {strip_query(url)} answered more than {MAX_ANSWER_BYTES} bytes")
+                raise FetchFailed(502, f"upstream {strip_query(str(url))} answered more than {MAX_ANSWER_BYTES} bytes")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise _Transient(502, f"upstream {strip_query(url)} broke off its answer: {type(e).__name__}") from None
+        raise _Transient(502, f"upstream {strip_query(str(url))} broke off its answer: {type(e).__name__}") from None
     return bytes(body)
 
 
@@ -185,8 +227,8 @@ class _Transient(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
-def _status_error(response: aiohttp.ClientResponse, url: str) -> Exception:
-    status, reason, where = response.status, response.reason or "", strip_query(url)
+def _status_error(response: aiohttp.ClientResponse, url: URL) -> Exception:
+    status, reason, where = response.status, response.reason or "", strip_query(str(url))
     response.release()
     if status in _RETRYABLE:
         retry_after = response.headers.get("Retry-After", "")

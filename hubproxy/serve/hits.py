@@ -17,6 +17,7 @@ import re
 from aiohttp import web
 
 from ..cache.store import Entry
+from ..fetch.media_type import safe_media_type
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import METRICS, SERVING, STORE
@@ -105,7 +106,8 @@ async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> w
     except _Unsatisfiable:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{entry.size}"})
     status = 200 if wanted is None else 206
-    headers.update({"Content-Type": entry.content_type, "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
+    headers.update({"Content-Type": safe_media_type(entry.content_type),  # an older version stored any
+                    "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{entry.size}"
     if request.method == "HEAD":
