@@ -28,11 +28,12 @@ import tempfile
 import time
 import zlib
 
+import yarl
 from aiohttp import web
 
 from origin_files import model_from_request
-from origin_kaggle import make_kaggle_api_app
-from origin_state import Blob, State, authorized, new_crc32c, redirect_target, sign
+from origin_kaggle import found, make_kaggle_api_app
+from origin_state import SIGNATURE_PARAM, Blob, State, authorized, new_crc32c, redirect_target, sign
 
 SITES = ("tfhub", "kaggle", "kaggle-api", "gcs", "canary")
 CHUNK_SIZE = 256 * 1024
@@ -59,15 +60,17 @@ def gcs_error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/xml")
 
 
-def check_access(state: State, obj: str, query) -> web.Response | None:
+def check_access(state: State, obj: str, url: yarl.URL) -> web.Response | None:
     """Return an error response if the request may not read obj, else None."""
+    query = url.query
     signature = query.get("X-Goog-Signature")
     if signature is None:
         if obj.startswith(PUBLIC_PREFIX):
             return None
         return gcs_error(403, "AccessDenied", "Anonymous caller does not have storage.objects.get access.")
     date, expires = query.get("X-Goog-Date", ""), query.get("X-Goog-Expires", "")
-    if not hmac.compare_digest(signature, sign(state, obj, date, expires)):
+    canonical = url.raw_query_string.partition(SIGNATURE_PARAM)[0]
+    if not hmac.compare_digest(signature, sign(state, obj, canonical)):
         return gcs_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match.")
     try:
         issued = calendar.timegm(time.strptime(date, "%Y%m%dT%H%M%SZ"))
@@ -218,8 +221,8 @@ def make_kaggle_app(state: State) -> web.Application:
         model = lookup(request)
         if not authorized(model, request.headers.get("Authorization")):
             raise web.HTTPUnauthorized(text="Unauthorized")
-        # Sent verbatim (HTTPFound would normalise it): a redirect_to may be a crafted Location.
-        return web.Response(status=302, headers={"Location": redirect_target(state, model.archive)})
+        # Sent verbatim: a signed URL's query is signed byte for byte, and a redirect_to may be crafted.
+        return found(redirect_target(state, model.archive))
 
     app = web.Application()
     app.router.add_get(
@@ -246,7 +249,7 @@ async def get_object(state: State, request) -> web.StreamResponse:
     switches = state.faults_for(obj)
     if switches.get("down"):
         return abort_connection(request)
-    denied = check_access(state, obj, request.query)
+    denied = check_access(state, obj, request.rel_url)
     if denied is not None:
         return denied
     blob = state.by_object.get(obj)

@@ -149,11 +149,16 @@ def download(state: State, request, body: dict) -> web.Response:
     model = find_model(state, request, body, version_required=True)
     path = body.get("path")
     if path is None:
-        raise web.HTTPFound(redirect_target(state, model.archive))
+        return found(redirect_target(state, model.archive))
     blob = model.files.get(path) if isinstance(path, str) else None
     if blob is None:
         raise RpcError(404, f"File {path!r} not found in {'/'.join(model.coords)}")
-    raise web.HTTPFound(redirect_target(state, blob))
+    return found(redirect_target(state, blob))
+
+
+def found(location: str) -> web.Response:
+    """A 302 whose Location is sent verbatim (HTTPFound would normalise the signed URL's query)."""
+    return web.Response(status=302, headers={"Location": location})
 
 
 RPCS = {

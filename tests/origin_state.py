@@ -204,21 +204,27 @@ class State:
 # ---------------------------------------------------------------- signed storage URLs
 
 
-def sign(state: State, obj: str, date: str, expires: str) -> str:
-    message = f"{obj}\n{date}\n{expires}".encode()
+SIGNATURE_PARAM = "&X-Goog-Signature="
+SERVICE_ACCOUNT = "hub-models@kaggle-models.iam.gserviceaccount.com"
+
+
+def sign(state: State, obj: str, canonical_query: str) -> str:
+    """Like GCS's V4 signatures, over the query string's exact bytes: a client that re-encodes it
+    (%2F to /, %40 to @, as yarl does by default) gets 403 SignatureDoesNotMatch."""
+    message = f"{obj}\n{canonical_query}".encode()
     return hmac.new(state.signing_secret, message, hashlib.sha256).hexdigest()
 
 
 def signed_gcs_url(state: State, blob: Blob) -> str:
     date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(state.now()))
-    expires = str(state.url_ttl)
-    query = urllib.parse.urlencode({
+    canonical = urllib.parse.urlencode({
         "X-Goog-Algorithm": "GOOG4-HMAC-SHA256",
+        "X-Goog-Credential": f"{SERVICE_ACCOUNT}/{date[:8]}/auto/storage/goog4_request",
         "X-Goog-Date": date,
-        "X-Goog-Expires": expires,
+        "X-Goog-Expires": str(state.url_ttl),
         "X-Goog-SignedHeaders": "host",
-        "X-Goog-Signature": sign(state, blob.name, date, expires),
     })
+    query = canonical + SIGNATURE_PARAM + sign(state, blob.name, canonical)
     return f"{state.urls['gcs']}/{urllib.parse.quote(blob.name, safe='/')}?{query}"
 
 

@@ -74,6 +74,11 @@ class HostPolicy:
         raise FetchFailed(502, f"upstream redirected to {url.raw_authority!r}, which is not an allowed host")
 
 
+# A Location already percent-encoded as RFC 3986 allows is fetched byte for byte: a signed storage
+# URL's signature covers its exact query (%2F, %40), which yarl would otherwise decode.
+_URI = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+
+
 def redirect_target(current: URL, location: str) -> URL:
     """The URL a redirect's Location names, resolved against the hop that sent it: parsed once, by
     yarl, as aiohttp will fetch it. FetchFailed(502) when yarl cannot parse it (a bad port or host, a
@@ -84,16 +89,26 @@ def redirect_target(current: URL, location: str) -> URL:
         raise FetchFailed(502, f"upstream redirected to a URL with userinfo ({_shown(location)}); refused")
     try:
         location.encode()  # undecodable bytes (kept as surrogates) yarl would silently drop
-        target = current.join(URL(location))
+        target = _checked(current.join(_verbatim(location)))
     except (ValueError, TypeError) as e:
         raise FetchFailed(502, f"upstream redirected to an unparseable URL ({_shown(location)}): {e}") from None
     return target
 
 
+def _verbatim(text: str) -> URL:
+    """text as yarl's URL, keeping its bytes when it is already percent-encoded as RFC 3986 allows."""
+    return URL(text, encoded=_URI.fullmatch(text) is not None)
+
+
+def _checked(url: URL) -> URL:
+    url.host, url.port  # noqa: B018 — an encoded URL's authority is parsed lazily: parse it now
+    return url
+
+
 def _own_url(url: str) -> URL:
     """A URL of our own making (a configured upstream's, a relayed target), parsed as for a redirect."""
     try:
-        return URL(url)
+        return _checked(_verbatim(url))
     except (ValueError, TypeError) as e:
         raise FetchFailed(502, f"cannot parse the upstream URL {_shown(url)}: {e}") from None
 
