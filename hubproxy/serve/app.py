@@ -30,6 +30,7 @@ from ..units import parse_size
 from . import admin, browse, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
+from .front import request_bounds
 from .hits import range_problem, serve_if_cached
 from .intercept import tunnel_host
 from .kagglebody import SERVICE_PATH
@@ -43,7 +44,7 @@ SERVER = "hubproxy"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 8190}, middlewares=[_proxied_requests_are_hub_requests])
+    app = web.Application(handler_args={"max_field_size": 8190}, middlewares=[request_bounds, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
