@@ -30,7 +30,8 @@ def _read_response(sock: socket.socket) -> bytes:
         line = reader.readline()
         assert line, "the proxy closed the connection mid-response"
         head += line
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     return head + reader.read(length)
 
 

@@ -1,10 +1,11 @@
 """Admin HTTP API under /admin/: ls, purge, pin, unpin, evict, verify — the cache commands, live.
 
 Invariants: the routes exist only when an admin token is configured (404 otherwise); every
-request must carry it as a Bearer token (the scheme in any case; a bare token is refused), compared in constant time (401 otherwise); the token is
-never logged or echoed; a body is checked whole (adminbody) before anything is done, and a
-refused one changes nothing; nothing in flight is ever purged or evicted, and a pinned entry is
-purged only when the body says "include_pinned": true.
+request must carry it as a Bearer token (the scheme in any case; a bare token is refused),
+compared in constant time (401 otherwise); the token is never logged or echoed; a body is
+checked whole (adminbody) before anything is done, and a refused one changes nothing; nothing
+in flight is ever purged or evicted, and a pinned entry is purged only when the body says
+"include_pinned": true.
 """
 
 from __future__ import annotations

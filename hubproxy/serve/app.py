@@ -44,7 +44,8 @@ SERVER = "hubproxy"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 8190}, middlewares=[request_bounds, _proxied_requests_are_hub_requests])
+    app = web.Application(handler_args={"max_field_size": 8190},
+                          middlewares=[request_bounds, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)

@@ -4,8 +4,9 @@ logged once per burst.
 
 Invariants: the cap leaves RESERVE descriptors for the index, logs, upstream connections,
 temporary files and the sockets one burst of accept() calls takes before any is closed, and one
-more descriptor per connection for the blob or partial archive it is sent from; asyncio's report of a failed accept() (it retries the listener by itself) is one
-WARNING line per burst, never a traceback per attempt; every other loop error is asyncio's.
+more descriptor per connection for the blob or partial archive it is sent from; asyncio's report
+of a failed accept() (it retries the listener by itself) is one WARNING line per burst, never a
+traceback per attempt; every other loop error is asyncio's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ mirror requests; a CONNECT to a host the operator listed with --tunnel is a plai
 Invariants: only a connection whose first bytes spell "CONNECT " is held here, and only until its
 request head ends; every other connection goes to aiohttp with every byte, at once. A CONNECT to
 any other host gets 403 and nothing is dialled; the head has a size limit here, and the deadline
-every head has (front.Connection), which bytes cannot extend. This module parses a CONNECT request line and nothing else of HTTP.
+every head has (front.Connection), which bytes cannot extend. This module parses a CONNECT
+request line and nothing else of HTTP.
 """
 
 from __future__ import annotations
