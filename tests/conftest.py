@@ -135,6 +135,17 @@ def proxy(proxy_factory, clean_origin) -> Proxy:
     return proxy_factory()
 
 
+ADMIN_TOKEN = "s3cret-admin-token-0123456789"
+
+
+@pytest.fixture
+def admin_proxy(proxy_factory, clean_origin, tmp_path) -> Proxy:
+    """A proxy with the admin API on (admin_token ADMIN_TOKEN, set in a TOML file)."""
+    config = tmp_path / "hubproxy.toml"
+    config.write_text(f'admin_token = "{ADMIN_TOKEN}"\n')
+    return proxy_factory(tmp_path / "cache", "--config", config)
+
+
 # -- clients ---------------------------------------------------------------------------------
 
 def _quiet_env(**extra: str) -> dict:
