@@ -8,6 +8,7 @@ import contextlib
 import os
 import resource
 import socket
+import time
 import urllib.request
 
 from tests.conftest import run_cli
@@ -119,3 +120,27 @@ def test_at_the_cap_with_every_connection_busy_a_newcomer_gets_a_503(proxy_facto
         clean_origin.release()
         for sock in busy:
             sock.close()
+
+
+def test_accept_failing_for_want_of_descriptors_is_one_line_per_burst(proxy_factory, clean_origin):
+    """With a cap the table cannot hold (an operator's mistake), accept() does fail: asyncio retries
+    it each second, and the log says so once, without a traceback."""
+    proxy = proxy_factory(None, "--max-connections", "100000", preexec_fn=_open_file_limit(FD_LIMIT, FD_LIMIT))
+    idle = _idle_clients(proxy, IDLE_SOCKETS)
+    try:
+        _wait_for_line(proxy, "accept")  # asyncio's report, or ours
+    finally:
+        for sock in idle:
+            sock.close()
+    assert _get(proxy, "/healthz")[0] == 200  # accepting again once descriptors are free
+    proxy.stop()
+    log = [line for line in proxy.log.read_text().splitlines() if not line.startswith("{")]
+    assert not [line for line in log if "Traceback" in line or " ERROR " in line], "\n".join(log[-40:])
+    assert len([line for line in log if "accept" in line]) == 1, "\n".join(log[-40:])
+
+
+def _wait_for_line(proxy, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proxy.log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{proxy.log.read_text()[-3000:]}"
+        time.sleep(0.05)

@@ -44,8 +44,9 @@ class Burst:
     """Trouble that repeats (each retry, each refused client) is logged when it starts, and then
     once more with its count if it starts again after a quiet BURST_GAP_SECONDS."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, level: int = logging.WARNING):
         self._what = what
+        self._level = level
         self._count = 0
         self._last = float("-inf")
 
@@ -53,7 +54,7 @@ class Burst:
         now = time.monotonic()
         if now - self._last > BURST_GAP_SECONDS:
             since = f" ({self._count} times in the burst before)" if self._count > 1 else ""
-            log.warning("%s: %s%s; logged once per burst", self._what, detail, since)
+            log.log(self._level, "%s: %s%s; logged once per burst", self._what, detail, since)
             self._count = 0
         self._count += 1
         self._last = now

@@ -24,8 +24,6 @@ from aiohttp import web
 
 from .fdtable import Burst
 
-log = logging.getLogger(__name__)
-
 HEAD_END = b"\r\n\r\n"
 IDLE, HEAD, REQUEST = "idle", "head", "request"  # between requests; a head arriving; a request being answered
 
@@ -38,6 +36,7 @@ class Table:
         self._open: set[Connection] = set()
         self._idle: dict[Connection, None] = {}  # insertion order: the longest idle first
         self._full = Burst(f"refusing connections: all {cap} allowed are busy (max_connections)")
+        self.slow_heads = Burst("closing connections whose request head is late", logging.INFO)
 
     def admit(self, connection: Connection) -> bool:
         if len(self._open) >= self.cap:
@@ -194,7 +193,7 @@ class Connection(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        log.info("closed a connection whose request head took longer than %gs", self._header_timeout)
+        self._table.slow_heads.happened(f"none arrived whole within {self._header_timeout:g}s (header_timeout)")
         self.answer(408, "Request Timeout", f"the request head did not arrive within {self._header_timeout:g}s")
 
     def answer(self, status: int, phrase: str, reason: str) -> None:
