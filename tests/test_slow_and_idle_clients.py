@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import ssl
 
 import pytest
 
@@ -57,11 +58,11 @@ def _trickle_until_answered(sock: socket.socket, head: bytes = HEAD) -> bytes:
     for _ in range(PATIENCE * 5):
         try:
             sock.sendall(b"a")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             break
         try:
             answer = sock.recv(65536)
-        except socket.timeout:
+        except (socket.timeout, ssl.SSLWantReadError):
             continue
         sock.settimeout(PATIENCE)
         return answer
@@ -95,6 +96,20 @@ def test_a_trickled_head_is_cut_when_intercepting_too(proxy_factory, clean_origi
     proxy = proxy_factory(None, "--intercept", "--ca-dir", tmp_path / "ca", "--header-timeout", "1s")
     with _connect(proxy) as sock:
         answer = _trickle_until_answered(sock, head) + _until_eof(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_a_trickled_head_inside_an_intercepted_tunnel_is_cut(proxy_factory, clean_origin, tmp_path):
+    assert run_cli("ca", "init", "--ca-dir", tmp_path / "ca").returncode == 0
+    proxy = proxy_factory(None, "--intercept", "--ca-dir", tmp_path / "ca", "--header-timeout", "1s")
+    with _connect(proxy) as raw:
+        raw.sendall(b"CONNECT tfhub.dev:443 HTTP/1.1\r\nHost: tfhub.dev:443\r\n\r\n")
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        answer = b""
+        trusting = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+        with trusting.wrap_socket(raw, server_hostname="tfhub.dev") as tls:
+            with contextlib.suppress(ssl.SSLError):  # the proxy may close without TLS's close_notify
+                answer = _trickle_until_answered(tls, HEAD.replace(b"mirror", b"tfhub.dev")) + _until_eof(tls)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
 
 

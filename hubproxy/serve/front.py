@@ -131,15 +131,17 @@ class Connection(asyncio.Protocol):
                         ) -> asyncio.Transport:
         """Terminate TLS on this connection; `inner` gets the plaintext, with heads watched as
         before. Raises what start_tls raises, having aborted the connection."""
-        self._inner = inner  # it gets connection_made(the TLS transport) once the handshake is done
+        self._inner = inner
         raw = self.transport
         try:
-            return await asyncio.get_running_loop().start_tls(raw, self, context, server_side=True,
-                                                              ssl_handshake_timeout=handshake_timeout)
+            tls = await asyncio.get_running_loop().start_tls(raw, self, context, server_side=True,
+                                                             ssl_handshake_timeout=handshake_timeout)
         except BaseException:
             raw.abort()
             self._leave()  # the TLS layer never reports a loss for a handshake that failed
             raise
+        self.connection_made(tls)  # start_tls leaves that to its caller
+        return tls
 
     def close(self) -> None:
         self._stop_deadline()
