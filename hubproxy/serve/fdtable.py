@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import time
 
@@ -68,7 +67,7 @@ def quiet_accept_trouble(loop: asyncio.AbstractEventLoop) -> None:
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         error = context.get("exception")
         if context.get("message") == _ACCEPT_TROUBLE and isinstance(error, OSError):
-            burst.happened(f"{os.strerror(error.errno)}; retrying")
+            burst.happened(f"{error.strerror or error}; retrying")
             return
         loop.default_exception_handler(context)
 
