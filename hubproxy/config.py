@@ -53,6 +53,9 @@ class Settings:
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
     tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
+    header_timeout: str = "30s"  # a request head must arrive within this (408 otherwise); bytes do not extend it
+    keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
+    max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
 
     @property
     def listen_host(self) -> str:
@@ -69,6 +72,14 @@ class Settings:
     @property
     def kaggle_metadata_ttl_seconds(self) -> float:
         return parse_duration(self.kaggle_metadata_ttl)
+
+    @property
+    def header_timeout_seconds(self) -> float:
+        return parse_duration(self.header_timeout)
+
+    @property
+    def keepalive_timeout_seconds(self) -> float:
+        return parse_duration(self.keepalive_timeout)
 
     @property
     def cache_path(self) -> Path:
@@ -184,10 +195,15 @@ def _validate(settings: Settings) -> None:
             value is None or parse_size(value)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
-    try:
-        settings.kaggle_metadata_ttl_seconds
-    except ValueError as e:
-        raise ConfigError(f"kaggle_metadata_ttl: {e}") from None
+    for name in ("kaggle_metadata_ttl", "header_timeout", "keepalive_timeout"):
+        try:
+            seconds = getattr(settings, f"{name}_seconds")
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if seconds <= 0 and name != "kaggle_metadata_ttl":
+            raise ConfigError(f"{name} must be longer than 0s")
+    if settings.max_connections < 0:
+        raise ConfigError("max_connections must not be negative (0: derived from the open-file limit)")
     if settings.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
     if settings.admin_token is not None and len(settings.admin_token) < 16:

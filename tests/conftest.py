@@ -97,7 +97,8 @@ class Proxy:
 
 
 def start_proxy(origin: Origin, cache_dir: Path, *extra: str, upstreams: dict | None = None,
-                log_dir: Path | None = None) -> Proxy:
+                log_dir: Path | None = None, preexec_fn=None) -> Proxy:
+    """preexec_fn: run in the proxy's process before it starts (e.g. to lower its resource limits)."""
     upstreams = upstreams or {name: origin.urls[name] for name in ("tfhub", "kaggle", "gcs")}
     log = (log_dir or cache_dir.parent) / f"{cache_dir.name}-proxy-{next(_unique)}.log"
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
@@ -105,7 +106,8 @@ def start_proxy(origin: Origin, cache_dir: Path, *extra: str, upstreams: dict | 
     for name, url in upstreams.items():
         args += ["--upstream", f"{name}={url}"]
     with log.open("wb") as log_file:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=ROOT)
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=ROOT,
+                                   preexec_fn=preexec_fn)
     line = process.stdout.readline()  # blocks until the proxy listens, or it exits
     if "listening on " not in line:
         stop_process(process)
@@ -131,6 +133,17 @@ def proxy_factory(origin, tmp_path):
 @pytest.fixture
 def proxy(proxy_factory, clean_origin) -> Proxy:
     return proxy_factory()
+
+
+ADMIN_TOKEN = "s3cret-admin-token-0123456789"
+
+
+@pytest.fixture
+def admin_proxy(proxy_factory, clean_origin, tmp_path) -> Proxy:
+    """A proxy with the admin API on (admin_token ADMIN_TOKEN, set in a TOML file)."""
+    config = tmp_path / "hubproxy.toml"
+    config.write_text(f'admin_token = "{ADMIN_TOKEN}"\n')
+    return proxy_factory(tmp_path / "cache", "--config", config)
 
 
 # -- clients ---------------------------------------------------------------------------------

@@ -11,17 +11,10 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import ADMIN_TOKEN as TOKEN
 from tests.conftest import http_request
 
-TOKEN = "s3cret-admin-token-0123456789"
 JSON = "application/json"
-
-
-@pytest.fixture
-def admin_proxy(proxy_factory, clean_origin, tmp_path):
-    config = tmp_path / "hubproxy.toml"
-    config.write_text(f'admin_token = "{TOKEN}"\n')
-    return proxy_factory(tmp_path / "cache", "--config", config)
 
 
 @pytest.fixture

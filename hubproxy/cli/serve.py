@@ -32,6 +32,14 @@ from .failures import fail, reason
 @setting_option("--kaggle-metadata-ttl", "kaggle_metadata_ttl", "How long kagglehub's latest-version answers "
                 "(GetModelInstance) are reused before upstream is asked again; a unit is required (10m, 1h).", "10m",
                 metavar="DURATION")
+@setting_option("--header-timeout", "header_timeout", "How long a client may take to send a request head, however "
+                "it trickles; then 408 and the connection closes. A unit is required (30s, 1m).", "30s",
+                metavar="DURATION")
+@setting_option("--keepalive-timeout", "keepalive_timeout", "How long an idle keep-alive connection stays open; a "
+                "unit is required (75s, 2m).", "75s", metavar="DURATION")
+@setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
+                "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
+                "at start.", "0", type=int)
 @setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
                 "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
 @setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")

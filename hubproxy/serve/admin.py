@@ -1,10 +1,11 @@
 """Admin HTTP API under /admin/: ls, purge, pin, unpin, evict, verify — the cache commands, live.
 
 Invariants: the routes exist only when an admin token is configured (404 otherwise); every
-request must carry it as a Bearer token, compared in constant time (401 otherwise); the token is
-never logged or echoed; a body is checked whole (adminbody) before anything is done, and a
-refused one changes nothing; nothing in flight is ever purged or evicted, and a pinned entry is
-purged only when the body says "include_pinned": true.
+request must carry it as a Bearer token (the scheme in any case; a bare token is refused),
+compared in constant time (401 otherwise); the token is never logged or echoed; a body is
+checked whole (adminbody) before anything is done, and a refused one changes nothing; nothing
+in flight is ever purged or evicted, and a pinned entry is purged only when the body says
+"include_pinned": true.
 """
 
 from __future__ import annotations
@@ -34,14 +35,22 @@ def _guarded(handler):
         token = request.app[SETTINGS].admin_token
         if token is None:
             raise web.HTTPNotFound(text="the admin API is disabled (set admin_token or HUBPROXY_ADMIN_TOKEN)\n")
-        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(offered.encode(), token.encode()):
+        if not hmac.compare_digest(_bearer_token(request), token.encode()):
             raise web.HTTPUnauthorized(text="admin token missing or wrong\n", headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
         except BadBody as e:
             return error(e.status, str(e))
     return guarded
+
+
+def _bearer_token(request: web.Request) -> bytes:
+    """The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, RFC 9110), as
+    the bytes sent; b"" when there is none or the scheme is another."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return b""
+    return token.strip().encode("utf-8", "surrogateescape")  # aiohttp keeps bytes that are not UTF-8 so
 
 
 async def ls(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ from ..units import parse_size
 from . import admin, browse, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
+from .front import request_bounds
 from .hits import range_problem, serve_if_cached
 from .intercept import tunnel_host
 from .kagglebody import SERVICE_PATH
@@ -43,7 +44,8 @@ SERVER = "hubproxy"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 8190}, middlewares=[_proxied_requests_are_hub_requests])
+    app = web.Application(handler_args={"max_field_size": 8190},
+                          middlewares=[request_bounds, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
@@ -98,6 +100,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def browse_page(request: web.Request) -> web.Response:
+    if not (request.host.isascii() and request.host.isprintable()):
+        return error(400, "the Host header is not a host[:port]: it holds bytes outside printable ASCII")
     entries = await asyncio.to_thread(request.app[STORE].entries)
     base_url = f"{request.scheme}://{request.host}"
     return browse.response(entries, base_url, _size_or_none(request.app[SETTINGS].max_size))
@@ -111,7 +115,11 @@ async def metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def _proxied_requests_are_hub_requests(request: web.Request, handler) -> web.StreamResponse:
     """A request for a hub host (inside an intercepted tunnel, or absolute-form through HTTP_PROXY)
-    is never the mirror's own page, metrics or admin API, whatever its path."""
+    is never the mirror's own page, metrics or admin API, whatever its path. A CONNECT that reaches
+    here is refused: on the mirror's port without --intercept, or inside a tunnel."""
+    if request.method == "CONNECT":
+        return error(405, "CONNECT is not allowed: this is a mirror (serve --intercept also makes it a proxy "
+                          "for the hub hosts)", headers={"Allow": "GET, HEAD"})
     if tunnel_host(request.transport) is not None or not request.raw_path.startswith("/"):
         host, target = _hub_target(request)
         if HUB_HOSTS[host] == KAGGLE_API:

@@ -94,7 +94,7 @@ async def serve_if_cached(request: web.Request, key: str) -> web.StreamResponse 
 async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse | None:
     """The response for a cached entry; None when its blob is gone since the lookup."""
     headers = _validators(entry, outcome)
-    if_none_match = request.headers.get("If-None-Match")
+    if_none_match = ", ".join(request.headers.getall("If-None-Match", ()))  # several fields are one list
     if if_none_match and _matches_any(if_none_match, entry.sha256):
         _count(request, entry, outcome)
         return web.Response(status=304, headers=headers)

@@ -4,8 +4,9 @@ mirror requests; a CONNECT to a host the operator listed with --tunnel is a plai
 
 Invariants: only a connection whose first bytes spell "CONNECT " is held here, and only until its
 request head ends; every other connection goes to aiohttp with every byte, at once. A CONNECT to
-any other host gets 403 and nothing is dialled; the head has a deadline and a size limit that
-bytes cannot extend. This module parses a CONNECT request line and nothing else of HTTP.
+any other host gets 403 and nothing is dialled; the head has a size limit here, and the deadline
+every head has (front.Connection), which bytes cannot extend. This module parses a CONNECT
+request line and nothing else of HTTP.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Callable
 
 from ..handles import HUB_HOSTS
 from ..metrics import Metrics
+from .front import Connection
 
 log = logging.getLogger(__name__)
 
 CONNECT = b"CONNECT "
 MAX_HEAD = 8192
-HEAD_DEADLINE_SECONDS = 30.0
 TLS_HANDSHAKE_SECONDS = 30.0
 TUNNEL_CONNECT_SECONDS = 30.0
 _REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9.-]{1,253}):([0-9]{1,5}) HTTP/1\.[01]")
@@ -57,41 +58,31 @@ class Doors:
 
 
 class ProxyFront(asyncio.Protocol):
-    def __init__(self, doors: Doors):
+    """The first protocol of every connection when intercepting (behind front.Connection, which
+    keeps the head deadline): it holds the connection only while its first bytes may spell CONNECT."""
+
+    def __init__(self, doors: Doors, connection: Connection):
         self._doors = doors
+        self._connection = connection
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
-        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._deadline = asyncio.get_running_loop().call_later(HEAD_DEADLINE_SECONDS, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         if not self._buffer.startswith(CONNECT[:len(self._buffer)]):
-            self._hand_to_aiohttp()
+            self._connection.hand_to(self._doors.http(), self._buffer)  # aiohttp, from the first byte
             return
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_HEAD:
                 self._refuse(431, "the CONNECT request head is too large")
             return
-        self._stop_deadline()
         head, early = self._buffer[:end], self._buffer[end + 4:]
         self._transport.pause_reading()
         asyncio.ensure_future(self._connect(head, early))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_deadline()
-
-    def _hand_to_aiohttp(self) -> None:
-        """aiohttp takes the connection from here on, starting with the bytes already read."""
-        self._stop_deadline()
-        inner = self._doors.http()
-        self._transport.set_protocol(inner)
-        inner.connection_made(self._transport)
-        inner.data_received(self._buffer)
 
     async def _connect(self, head: bytes, early: bytes) -> None:
         line = _REQUEST_LINE.fullmatch(head.split(b"\r\n", 1)[0])
@@ -112,19 +103,15 @@ class ProxyFront(asyncio.Protocol):
         if early:
             self._refuse(400, "bytes arrived before the 200 to the CONNECT; send TLS after it")
             return
-        transport, loop = self._transport, asyncio.get_running_loop()
-        transport.write(_ESTABLISHED)
-        inner = self._doors.http()
+        self._transport.write(_ESTABLISHED)
         try:
-            tls = await loop.start_tls(transport, inner, self._doors.tls_for(host), server_side=True,
-                                       ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS)
+            tls = await self._connection.start_tls(self._doors.tls_for(host), self._doors.http(),
+                                                   TLS_HANDSHAKE_SECONDS)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
             log.info("TLS with a client for %s failed: %s", host, type(e).__name__)
-            transport.abort()
             return
         self._doors.metrics.connects.labels("intercepted").inc()
         _TUNNEL_HOSTS[tls] = host
-        inner.connection_made(tls)
 
     async def _tunnel(self, host: str, port: int, early: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -139,27 +126,12 @@ class ProxyFront(asyncio.Protocol):
         client.write(_ESTABLISHED)
         if early:
             upstream.write(early)
-        client.set_protocol(_Pipe(upstream))
+        self._connection.hand_to(_Pipe(upstream), http=False)
         client.resume_reading()
 
     def _refuse(self, status: int, reason: str) -> None:
-        self._stop_deadline()
-        body = reason.encode() + b"\n"
-        phrase = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
-                  502: "Bad Gateway"}[status]
-        self._transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                              b"Connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
-        self._transport.close()
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        if self._buffer.startswith(CONNECT) or not self._buffer:
-            self._refuse(408, "the CONNECT request head did not arrive in time")
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        phrase = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
+        self._connection.answer(status, phrase[status], reason)
 
 
 class _Pipe(asyncio.Protocol):

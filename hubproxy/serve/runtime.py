@@ -2,6 +2,7 @@
 clean stop on SIGINT/SIGTERM.
 
 Invariants: the "listening on URL" line is printed only once the socket accepts connections;
+every connection passes through front.Connection (head deadline, connection cap), in both modes;
 on a stop signal the listener closes first, then open connections, then the components, and
 buffered access lines are flushed last; a malformed request costs one log line, never a traceback.
 """
@@ -9,6 +10,7 @@ buffered access lines are flushed last; a malformed request costs one log line, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -21,15 +23,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..config import Settings
 from ..tls import authority
 from ..tls.leaves import Leaves
-from . import accesslog
+from . import accesslog, fdtable
 from .app import create_app
 from .components import METRICS
+from .front import Connection, Table
 from .intercept import Doors, ProxyFront
 
 log = logging.getLogger(__name__)
 
 BACKLOG = 128
-KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default is an hour)
 
 
 def quiet_malformed_requests() -> None:
@@ -67,26 +69,41 @@ def listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+def connection_table(settings: Settings) -> Table:
+    """The table of client connections, capped below the open-file limit (raised to its maximum first)."""
+    fd_limit = fdtable.raise_soft_limit()
+    cap = settings.max_connections or fdtable.connection_cap(fd_limit)
+    log.debug("open-file limit %d: at most %d client connections", fd_limit, cap)
+    return Table(cap)
+
+
+def _aiohttp_first(server: web.Server, connection: Connection) -> asyncio.Protocol:
+    return server()
+
+
 async def serve_until_stopped(settings: Settings, announce: Callable[[str], None]) -> None:
     """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     app = create_app(settings)
     runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
-                           access_log=logging.getLogger("hubproxy.access"), keepalive_timeout=KEEPALIVE_SECONDS)
+                           access_log=logging.getLogger("hubproxy.access"),
+                           keepalive_timeout=settings.keepalive_timeout_seconds)
     await runner.setup()
     listener = None
+    loop = asyncio.get_running_loop()
+    fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
         sock = listening_socket(settings)
+        first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
-            doors = Doors(runner.server, contexts, settings.tunnel, app[METRICS])
-            listener = await asyncio.get_running_loop().create_server(lambda: ProxyFront(doors), sock=sock)
-        else:
-            await web.SockSite(runner, sock).start()
+            first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
+        table, header_timeout = connection_table(settings), settings.header_timeout_seconds
+        listener = await loop.create_server(lambda: Connection(table, header_timeout, first), sock=sock,
+                                            backlog=BACKLOG)
         host, port = sock.getsockname()[:2]
         announce(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()

@@ -32,7 +32,7 @@ async def send_file(request: web.Request, response: web.StreamResponse, archive:
     if _is_tls(transport):
         await _write_through_aiohttp(response, archive, offset, count)
     else:
-        await asyncio.get_running_loop().sendfile(transport, archive, offset, count)
+        await _sendfile(transport, archive, offset, count)
 
 
 async def send_file_chunk(request: web.Request, response: web.StreamResponse, archive: BinaryIO, offset: int,
@@ -44,7 +44,7 @@ async def send_file_chunk(request: web.Request, response: web.StreamResponse, ar
         await _write_through_aiohttp(response, archive, offset, count)
         return
     transport.write(b"%x\r\n" % count)
-    await asyncio.get_running_loop().sendfile(transport, archive, offset, count)
+    await _sendfile(transport, archive, offset, count)
     transport.write(b"\r\n")
 
 
@@ -63,6 +63,17 @@ async def _write_through_aiohttp(response: web.StreamResponse, archive: BinaryIO
                 raise EOFError(f"the file ended {count} bytes early")
             await response.write(block)
             count -= len(block)
+
+
+async def _sendfile(transport: asyncio.Transport, archive: BinaryIO, offset: int, count: int) -> None:
+    """loop.sendfile; a client that left (even during the write just before) is the ConnectionError
+    it is, not asyncio's RuntimeError for a closing transport."""
+    try:
+        await asyncio.get_running_loop().sendfile(transport, archive, offset, count)
+    except RuntimeError:
+        if transport.is_closing():
+            raise ConnectionResetError("client went away") from None
+        raise
 
 
 def _is_tls(transport: asyncio.Transport) -> bool:
