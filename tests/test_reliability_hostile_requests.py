@@ -20,10 +20,6 @@ GOOD = b"GET /healthz HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n"
 REFUSED, ANSWERED = "refused", "answered"  # 4xx or a clean close; any status below 500
 
 
-def _fix_elsewhere(item: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 11: {item}, fixed on another branch")
-
-
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -93,20 +89,14 @@ CASES = [
     # admin
     Case("admin without a token", _get("/admin/ls"), status=401),
     Case("admin with a wrong token", _get("/admin/ls", "Authorization: Bearer nope"), status=401),
+    Case("non-UTF-8 Host on the browse page", b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n", status=400),
+    Case("non-UTF-8 admin Authorization",
+         b"GET /admin/ls HTTP/1.1\r\nHost: mirror\r\nAuthorization: Bearer \xff\xfe\r\n\r\n", status=401),
+    Case("HTTP/1.0 with Transfer-Encoding", b"GET /healthz HTTP/1.0\r\nHost: mirror\r\n"
+         b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ANSWERED, closes=True),
+    Case("CONNECT without --intercept", b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n", status=405),
 ]
 
-FIXED_ELSEWHERE = [
-    pytest.param(Case("non-UTF-8 Host on the browse page", b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n", status=400),
-                 marks=_fix_elsewhere("non-UTF-8 Host is a 400"), id="non-UTF-8 Host on the browse page"),
-    pytest.param(Case("non-UTF-8 admin Authorization",
-                      b"GET /admin/ls HTTP/1.1\r\nHost: mirror\r\nAuthorization: Bearer \xff\xfe\r\n\r\n", status=401),
-                 marks=_fix_elsewhere("non-UTF-8 Authorization is a 401"), id="non-UTF-8 admin Authorization"),
-    pytest.param(Case("HTTP/1.0 with Transfer-Encoding", b"GET /healthz HTTP/1.0\r\nHost: mirror\r\n"
-                      b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ANSWERED, closes=True),
-                 marks=_fix_elsewhere("HTTP/1.0 with Transfer-Encoding closes"), id="HTTP/1.0 with Transfer-Encoding"),
-    pytest.param(Case("CONNECT without --intercept", b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
-                      status=405), marks=_fix_elsewhere("CONNECT is a 405"), id="CONNECT without --intercept"),
-]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +113,7 @@ def corpus_proxy(origin, tmp_path_factory):
     proxy.stop()
 
 
-@pytest.mark.parametrize("case", [*[pytest.param(c, id=c.name[:60]) for c in CASES], *FIXED_ELSEWHERE])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name[:60]) for c in CASES])
 def test_hostile_request_is_refused_cleanly_without_desync(corpus_proxy, case):
     proxy, model, home = corpus_proxy
     outside_before = _outside_the_cache(home, proxy)
