@@ -2,8 +2,7 @@
 alone and combined. Each makes the proxy give a clean failure (an error status, or a body its
 framing leaves unfinished) or the verified archive, never a body presented as complete with wrong
 bytes, never a 500 or a traceback; nothing that does not verify is committed, and once the fault
-is gone the same URL serves the archive. The faults issue 11 adds to the emulator on other branches
-(Content-Encoding, odd header bytes, trickle, cut-once) belong in FAULTS when they land."""
+is gone the same URL serves the archive."""
 
 from __future__ import annotations
 
@@ -40,11 +39,21 @@ FAULTS = {
     "slow, then cut": dict(throttle_bps=4_000_000, truncate_at=MIDDLE),
     "slow, then flipped": dict(throttle_bps=4_000_000, corrupt_at=SIZE - 2),
     "503 once, then cut": dict(status=503, status_count=1, truncate_at=MIDDLE),
+    "body really gzip-encoded": dict(content_encoding="gzip"),
+    "body really deflate-encoded": dict(content_encoding="deflate"),
+    "an encoding only claimed": dict(claimed_encoding="br"),
+    "a Content-Type of UTF-8 bytes": dict(content_type="application/x-tar; name=\u2603"),
+    "a Content-Type with CR LF": dict(content_type="x\r\nSet-Cookie: a=b"),
+    "no checksum, cut": dict(no_checksum=True, truncate_at=MIDDLE),
+    "no checksum, flipped": dict(no_checksum=True, corrupt_at=MIDDLE),
+    "no checksum, an HTML page": dict(no_checksum=True, html=True),
 }
 REDIRECTS = {  # where the Kaggle hop sends the download instead of the signed storage URL
     "off the allowlist": "{canary}/stolen",
     "to a non-http scheme": "file:///etc/passwd",
     "another loopback host": "http://127.0.0.2:{gcs_port}/x",
+    "userinfo naming an allowed host": "http://127.0.0.2:{gcs_port}\\@127.0.0.1:{gcs_port}/x",
+    "a port out of range": "http://127.0.0.1:99999/x",
 }
 @pytest.fixture(scope="module")
 def corpus_proxy(origin, tmp_path_factory):
