@@ -40,8 +40,9 @@ SWITCHES = {
     "truncate_at", "corrupt_at", "status", "status_count", "throttle_bps",
     "hold_after", "html", "redirect_to", "down",
     # Cut transfers and changed objects (resumes): cut the first request reaching this offset only;
-    # cut every request after this many bytes of its own; serve the object as replaced (a new ETag).
-    "cut_once_at", "cut_every", "replaced",
+    # cut every request after this many bytes of its own; serve the object as replaced (a new ETag);
+    # send no headers until released (a trickle is throttle_bps, a cut every time truncate_at).
+    "cut_once_at", "cut_every", "replaced", "hold_headers",
 }
 
 
@@ -270,6 +271,8 @@ async def get_object(state: State, request) -> web.StreamResponse:
             return web.Response(status=forced, text=f"emulated {forced}")
     if switches.get("html"):
         return html_page("Sign in")
+    if switches.get("hold_headers"):
+        await hold(state)
     return await serve_object(request, state, blob, switches)
 
 

@@ -305,6 +305,18 @@ def test_replaced_object_has_a_new_etag_and_fails_the_old_if_match(urls, model):
     assert [r["if_match"] for r in logged if r["status"] == 412] == [old_etag]
 
 
+def test_hold_headers_sends_nothing_until_released(urls, model):
+    model.faults(hold_headers=True)
+    url, result = model.signed_url(), {}
+    reader = threading.Thread(target=lambda: result.setdefault("answer", raw(url)))
+    reader.start()
+    assert control(urls, "GET", "wait_held?count=1&timeout=10")["held"] == 1
+    assert "answer" not in result
+    control(urls, "POST", "release", {})
+    reader.join(timeout=10)
+    assert result["answer"][0] == 200 and result["answer"][2] == model.data
+
+
 def test_redirect_to_canary_is_logged(urls, model):
     model.faults(redirect_to=f"{urls['canary']}/metadata")
     assert fetch(model.tfhub_url) == b"canary"

@@ -1,5 +1,6 @@
-"""The ingest of one flight: upstream bytes received on the event loop, hashed in one thread and
-written to the temp file in another, checked against the origin's evidence, then committed.
+"""The ingest of one flight: upstream bytes received on the event loop (one body across cuts and
+stalls, resume.py), hashed in one thread and written to the temp file in another, checked against
+the origin's evidence, then committed.
 
 Invariants: an entry is committed only when the byte count and every checksum the origin gave
 match; at most MAX_PENDING_BATCHES received batches wait for the hasher and the writer, which
