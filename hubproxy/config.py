@@ -44,6 +44,10 @@ class Settings:
     backoff_seconds: float = 0.5  # first retry delay; doubles each attempt
     connect_timeout_seconds: float = 30.0
     read_timeout_seconds: float = 120.0  # longest silence tolerated mid-body
+    upstream_resumes: int = 3  # times one fetch cut mid-body (or stalled) is resumed from where it broke
+    upstream_min_rate: str = "64K"  # per second: a body slower than this over upstream_rate_window has stalled
+    upstream_rate_window: str = "30s"
+    upstream_headers_deadline: str = "60s"  # to an answer's headers, redirects and retries included
     log_level: str = "INFO"
     max_size: str | None = None  # evict least recently used above this (e.g. "200G")
     min_free: str | None = None  # evict when the disk has less free than this
@@ -80,6 +84,18 @@ class Settings:
     @property
     def keepalive_timeout_seconds(self) -> float:
         return parse_duration(self.keepalive_timeout)
+
+    @property
+    def upstream_min_rate_bytes(self) -> int:
+        return parse_size(self.upstream_min_rate)
+
+    @property
+    def upstream_rate_window_seconds(self) -> float:
+        return parse_duration(self.upstream_rate_window)
+
+    @property
+    def upstream_headers_deadline_seconds(self) -> float:
+        return parse_duration(self.upstream_headers_deadline)
 
     @property
     def cache_path(self) -> Path:
@@ -189,18 +205,19 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen port out of range: {port}")
-    for name in ("max_size", "min_free"):
+    for name in ("max_size", "min_free", "upstream_min_rate"):
         value = getattr(settings, name)
         try:
             value is None or parse_size(value)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
-    for name in ("kaggle_metadata_ttl", "header_timeout", "keepalive_timeout"):
+    for name in ("kaggle_metadata_ttl", "header_timeout", "keepalive_timeout", "upstream_rate_window",
+                 "upstream_headers_deadline"):
         try:
             seconds = getattr(settings, f"{name}_seconds")
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
-        if seconds <= 0 and name != "kaggle_metadata_ttl":
+        if seconds <= 0 and name in ("header_timeout", "keepalive_timeout", "upstream_rate_window"):
             raise ConfigError(f"{name} must be longer than 0s")
     if settings.max_connections < 0:
         raise ConfigError("max_connections must not be negative (0: derived from the open-file limit)")
@@ -212,5 +229,5 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("intercept needs ca_dir: the CA its leaf certificates come from (hubproxy ca init)")
     if settings.tunnel and not settings.intercept:
         raise ConfigError("tunnel takes effect only with intercept, the forward proxy it is a door of")
-    if settings.retries < 0 or settings.backoff_seconds < 0:
-        raise ConfigError("retries and backoff_seconds must not be negative")
+    if settings.retries < 0 or settings.backoff_seconds < 0 or settings.upstream_resumes < 0:
+        raise ConfigError("retries, backoff_seconds and upstream_resumes must not be negative")

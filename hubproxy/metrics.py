@@ -23,6 +23,8 @@ class Metrics:
                                     registry=self.registry)
         self.upstream_failures = Counter("hubproxy_upstream_failures", "Fetches that failed, by the status sent.",
                                          ["status"], registry=self.registry)
+        self.upstream_resumes = Counter("hubproxy_upstream_resumes", "Upstream transfers resumed where they broke, "
+                                        "by why (cut, stall).", ["reason"], registry=self.registry)
         self.upstream_bytes = Counter("hubproxy_upstream_bytes", "Archive bytes fetched and committed.",
                                       registry=self.registry)
         self.fetch_seconds = Histogram("hubproxy_fetch_seconds", "Duration of committed upstream fetches.",

@@ -46,6 +46,10 @@ SWITCHES = {
     # headers that misbehave: a body really encoded, an encoding only claimed, any Content-Type
     # (sent as its raw UTF-8 bytes), x-goog-hash and ETag dropped
     "content_encoding", "claimed_encoding", "content_type", "no_checksum",
+    # Cut transfers and changed objects (resumes): cut the first request reaching this offset only;
+    # cut every request after this many bytes of its own; serve the object as replaced (a new ETag);
+    # send no headers until released (a trickle is throttle_bps, a cut every time truncate_at).
+    "cut_once_at", "cut_every", "replaced", "hold_headers",
 }
 
 
@@ -127,14 +131,25 @@ async def hold(state: State) -> None:
 
 def next_boundary(pos: int, stop: int, switches: dict) -> int:
     """The nearest offset after pos where a fault must act, or stop."""
-    marks = [switches.get("truncate_at"), switches.get("hold_after")]
+    marks = [switches.get("truncate_at"), switches.get("hold_after"), switches.get("cut_once_at"),
+             switches.get("cut_at_own")]
     return min([stop] + [m for m in marks if isinstance(m, int) and pos < m < stop])
+
+
+def cuts_here(state: State, obj: str, pos: int, switches: dict) -> bool:
+    """Whether the transfer is cut at object offset pos: always at truncate_at and at this
+    request's cut_every mark (cut_at_own), once (the switch is used up) at cut_once_at."""
+    if pos in (switches.get("truncate_at"), switches.get("cut_at_own")):
+        return True
+    return switches.get("cut_once_at") == pos and state.take_switch(obj, "cut_once_at")
 
 
 async def stream_body(request, resp, state: State, blob: Blob, start: int, stop: int, switches: dict) -> bool:
     """Write file bytes [start, stop) applying faults; False when the connection was cut."""
     # Fault offsets are object offsets: a ranged request only meets those inside its range.
     chunk_size = chunk_size_for(switches)
+    if isinstance(switches.get("cut_every"), int):
+        switches = {**switches, "cut_at_own": start + switches["cut_every"]}
     bps = switches.get("throttle_bps")
     corrupt_at, held = switches.get("corrupt_at"), False
     # Paced against the clock, as a link of that speed would be: time spent reading and writing
@@ -150,7 +165,7 @@ async def stream_body(request, resp, state: State, blob: Blob, start: int, stop:
                 await hold(state)
                 held = True
                 paced_from, paced_bytes = loop.time(), 0
-            if switches.get("truncate_at") == pos:
+            if cuts_here(state, blob.name, pos, switches):
                 await resp.write(b"")
                 request.transport.close()  # close() flushes what was written, then drops
                 return False
@@ -233,10 +248,15 @@ def make_kaggle_app(state: State) -> web.Application:
     return app
 
 
-def object_headers(blob: Blob) -> dict[str, str]:
+def object_etag(blob: Blob, switches: dict) -> str:
+    """The object's strong ETag: its md5, or another once a `replaced` switch says it changed."""
+    return f'"{blob.md5}-replaced"' if switches.get("replaced") else f'"{blob.md5}"'
+
+
+def object_headers(blob: Blob, switches: dict) -> dict[str, str]:
     return {
         "Content-Type": "application/octet-stream",
-        "ETag": f'"{blob.md5}"',
+        "ETag": object_etag(blob, switches),
         "x-goog-hash": f"crc32c={blob.crc32c},md5={base64.b64encode(bytes.fromhex(blob.md5)).decode()}",
         "x-goog-stored-content-length": str(blob.size),
         "Accept-Ranges": "bytes",
@@ -261,6 +281,8 @@ async def get_object(state: State, request) -> web.StreamResponse:
             return web.Response(status=forced, text=f"emulated {forced}")
     if switches.get("html"):
         return html_page("Sign in")
+    if switches.get("hold_headers"):
+        await hold(state)
     return await serve_object(request, state, blob, switches)
 
 
@@ -271,6 +293,10 @@ def make_gcs_app(state: State) -> web.Application:
 
 
 async def serve_object(request, state: State, blob: Blob, switches: dict) -> web.StreamResponse:
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and if_match.strip() != "*" and object_etag(blob, switches) not in (
+            tag.strip() for tag in if_match.split(",")):
+        return gcs_error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold.")
     wanted = parse_range(request.headers.get("Range"), blob.size)
     if wanted == UNSATISFIABLE:
         resp = gcs_error(416, "InvalidRange", "The requested range cannot be satisfied.")
@@ -279,7 +305,7 @@ async def serve_object(request, state: State, blob: Blob, switches: dict) -> web
     if switches.get("content_encoding"):
         return await encoded_object(blob, switches)
     start, stop = wanted or (0, blob.size)
-    headers = misbehaving_headers(object_headers(blob), switches)
+    headers = misbehaving_headers(object_headers(blob, switches), switches)
     resp = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     if wanted:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
@@ -322,7 +348,7 @@ async def encoded_object(blob: Blob, switches: dict) -> web.Response:
     body = await asyncio.to_thread(encoded_bytes, blob.file, wbits)
     crc = new_crc32c()
     crc.update(body)
-    headers = {**object_headers(blob), "Content-Encoding": encoding, "ETag": f'"{hashlib.md5(body).hexdigest()}"',
+    headers = {**object_headers(blob, switches), "Content-Encoding": encoding, "ETag": f'"{hashlib.md5(body).hexdigest()}"',
                "x-goog-hash": f"crc32c={base64.b64encode(crc.digest()).decode()},"
                               f"md5={base64.b64encode(hashlib.md5(body).digest()).decode()}"}
     return web.Response(body=body, headers=misbehaving_headers(headers, switches))
@@ -346,7 +372,8 @@ def add_request_log(app: web.Application, state: State, site: str) -> None:
         if site == "tfhub" and request.path.startswith(CONTROL_PREFIX):
             return await handler(request)
         entry = {"site": site, "method": request.method, "path": request.path, "status": None,
-                 "range": request.headers.get("Range"), "authorization": "Authorization" in request.headers,
+                 "range": request.headers.get("Range"), "if_match": request.headers.get("If-Match"),
+                 "authorization": "Authorization" in request.headers,
                  "accept_encoding": request.headers.get("Accept-Encoding")}
         state.log.append(entry)
         request["log_entry"] = entry

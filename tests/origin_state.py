@@ -189,6 +189,13 @@ class State:
                 return switches["status"]
         return None
 
+    def take_switch(self, obj: str, name: str) -> bool:
+        """Use up a one-time switch of obj (or of '*'): True if it was on."""
+        for key in (obj, "*"):
+            if self.faults.get(key, {}).pop(name, None) is not None:
+                return True
+        return False
+
     def release_all(self) -> None:
         # Held transfers wait on the old event; new holds wait on a fresh one.
         self.release_event.set()

@@ -273,6 +273,51 @@ def test_html_and_down_faults(model):
         raw(url)
 
 
+def test_cut_once_at_cuts_one_request_and_a_resume_succeeds(model):
+    model.faults(cut_once_at=1000)
+    url = model.signed_url()
+    with pytest.raises(http.client.IncompleteRead) as caught:
+        fetch(url)
+    assert caught.value.partial == model.data[:1000]
+    status, _, body = raw(url, headers={"Range": "bytes=1000-", "If-Match": f'"{model.info["md5"]}"'})
+    assert (status, body) == (206, model.data[1000:])
+    assert fetch(url) == model.data  # used up
+
+
+def test_cut_every_cuts_each_request_after_its_own_bytes(model):
+    model.faults(cut_every=1000)
+    url = model.signed_url()
+    for start in (0, 1000, 2000):
+        with pytest.raises(http.client.IncompleteRead) as caught:
+            raw(url, headers={"Range": f"bytes={start}-"})
+        assert caught.value.partial == model.data[start:start + 1000]
+
+
+def test_replaced_object_has_a_new_etag_and_fails_the_old_if_match(urls, model):
+    url = model.signed_url()
+    old_etag = raw(url, "HEAD")[1]["ETag"]
+    model.faults(replaced=True)
+    status, headers, _ = raw(url, "HEAD")
+    assert status == 200 and headers["ETag"] != old_etag
+    status, _, body = raw(url, headers={"Range": "bytes=10-", "If-Match": old_etag})
+    assert status == 412 and b"<Code>PreconditionFailed</Code>" in body
+    assert raw(url, headers={"Range": "bytes=10-", "If-Match": headers["ETag"]})[0] == 206
+    logged = control(urls, "GET", "requests")["requests"]
+    assert [r["if_match"] for r in logged if r["status"] == 412] == [old_etag]
+
+
+def test_hold_headers_sends_nothing_until_released(urls, model):
+    model.faults(hold_headers=True)
+    url, result = model.signed_url(), {}
+    reader = threading.Thread(target=lambda: result.setdefault("answer", raw(url)))
+    reader.start()
+    assert control(urls, "GET", "wait_held?count=1&timeout=10")["held"] == 1
+    assert "answer" not in result
+    control(urls, "POST", "release", {})
+    reader.join(timeout=10)
+    assert result["answer"][0] == 200 and result["answer"][2] == model.data
+
+
 def test_redirect_to_canary_is_logged(urls, model):
     model.faults(redirect_to=f"{urls['canary']}/metadata")
     assert fetch(model.tfhub_url) == b"canary"

@@ -60,7 +60,8 @@ def test_after_a_cut_upstream_the_next_request_fetches_afresh(proxy, origin, arc
     healed = hub_load(f"{proxy.url}/{model.handle}", tmp_path / "tfhub")
 
     assert loaded_output(healed) == archives.expected(archive)
-    assert origin.object_gets(model) == 2, "the next request must fetch afresh"
+    whole = [g for g in origin.storage_gets(model) if g["range"] is None]  # the cut one's resumes asked ranges
+    assert len(whole) == 2, "the next request must fetch afresh"
 
 
 def test_http10_client_gets_a_verified_archive_with_its_length(proxy, origin, archives):

@@ -21,6 +21,15 @@ from .failures import fail, reason
 @setting_option("--retries", "retries", "Extra attempts on 429/5xx/connection errors.", "3", type=int)
 @setting_option("--backoff-seconds", "backoff_seconds", "First retry delay, doubled each time.", "0.5",
                 type=float)
+@setting_option("--upstream-resumes", "upstream_resumes", "Times one fetch cut mid-body (or stalled) is resumed "
+                "from the byte it broke at (Range + If-Match), before its clients are cut.", "3", type=int)
+@setting_option("--upstream-min-rate", "upstream_min_rate", "A body arriving slower than SIZE per second over "
+                "--upstream-rate-window has stalled: resumed, then failed (0B: no floor).", "64K", metavar="SIZE")
+@setting_option("--upstream-rate-window", "upstream_rate_window", "The time over which --upstream-min-rate is "
+                "judged; a unit is required (30s, 1m).", "30s", metavar="DURATION")
+@setting_option("--upstream-headers-deadline", "upstream_headers_deadline", "How long an upstream answer's "
+                "headers may take, redirects and retries included, before the request is a 504 (0s: none).", "60s",
+                metavar="DURATION")
 @setting_option("--log-level", "log_level", "How much to log (access lines are INFO).", "INFO",
                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @setting_option("--max-size", "max_size", "Evict least recently used entries above SIZE (200G).", metavar="SIZE")

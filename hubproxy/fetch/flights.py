@@ -58,7 +58,8 @@ class Flights:
         flight = Flight(key, url, post_json, archive)
         flight.on_end = self._ended
         self._active[key] = flight
-        ingest = Ingest(flight, self._store, self._upstream, self.health)
+        ingest = Ingest(flight, self._store, self._upstream, self.health,
+                        on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc())
         self._tasks[flight] = asyncio.create_task(ingest.run(), name=f"flight {key}")
         self._metrics.flights_in_progress.inc()
         return flight

@@ -1,5 +1,6 @@
-"""The ingest of one flight: upstream bytes received on the event loop, hashed in one thread and
-written to the temp file in another, checked against the origin's evidence, then committed.
+"""The ingest of one flight: upstream bytes received on the event loop (one body across cuts and
+stalls, resume.py), hashed in one thread and written to the temp file in another, checked against
+the origin's evidence, then committed.
 
 Invariants: an entry is committed only when the byte count and every checksum the origin gave
 match (an archive it gave none for must prove itself sound: fetch/archive_integrity.py); at most
@@ -19,7 +20,7 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import aiohttp
 
@@ -29,6 +30,7 @@ from ..handles import strip_query
 from .errors import FetchFailed
 from .evidence import Digests, Evidence, check_archive_start, check_complete, refuse_unverifiable
 from .flight import Flight, State
+from .resume import ResumableBody
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,9 @@ class _Batch:
 
 
 class Ingest:
-    def __init__(self, flight: Flight, store: Store, upstream: Upstream, health: WriteHealth):
+    def __init__(self, flight: Flight, store: Store, upstream: Upstream, health: WriteHealth,
+                 on_resume: Callable[[str], None] | None = None):
+        self._on_resume = on_resume
         self._flight = flight
         self._store = store
         self._upstream = upstream
@@ -68,13 +72,15 @@ class Ingest:
         state, entry, error = State.FAILED, None, None
         try:
             response = await self._upstream.open(flight.url, json=flight.post_json)
-            with contextlib.closing(response):
+            flight.evidence = Evidence.from_headers(response.headers)
+            body = ResumableBody(self._upstream, response, flight.evidence, flight.url, flight.post_json,
+                                 self._on_resume)
+            with contextlib.closing(body):
                 source = strip_query(str(response.url))  # the final hop, without its signature
-                flight.evidence = Evidence.from_headers(response.headers)
                 refuse_unverifiable(flight.evidence, archive=flight.archive)
                 write_fd = self._open_temp()
                 digests = Digests(flight.evidence, archive=flight.archive)
-                await self._stream(response, write_fd, digests)
+                await self._stream(body, write_fd, digests)
             if write_fd is not None:
                 os.close(write_fd)
                 write_fd = None
@@ -133,7 +139,7 @@ class Ingest:
         self._health.succeeded()
         return entry
 
-    async def _stream(self, response: aiohttp.ClientResponse, write_fd: int | None, digests: Digests) -> None:
+    async def _stream(self, body: ResumableBody, write_fd: int | None, digests: Digests) -> None:
         """Receive on the event loop while one thread writes and another hashes earlier batches
         (each single-threaded, so in order); readers are woken as each batch reaches the file,
         or the window once the disk has refused a write."""
@@ -142,7 +148,7 @@ class Ingest:
         received = 0
         with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
             try:
-                async for pieces in _batches(response.content, BATCH_SIZE):
+                async for pieces in _batches(body, BATCH_SIZE):
                     if flight.state is State.CONNECTING:
                         if flight.archive:
                             check_archive_start(b"".join(pieces[:2]))
@@ -223,7 +229,7 @@ class Ingest:
             self._pass_through(reason, at=batch.start, batches=itertools.dropwhile(lambda b: b is not batch, pending))
 
 
-async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[list[bytes]]:
+async def _batches(content: ResumableBody, size: int) -> AsyncIterator[list[bytes]]:
     """The body as lists of received pieces totalling about `size` bytes: few thread hand-offs
     per GB, and no copy to join them. A batch is never held back waiting to fill: when the origin
     pauses or trickles, what arrived goes on after BATCH_WAIT_SECONDS, so readers are not kept
@@ -249,7 +255,7 @@ async def _batches(content: aiohttp.StreamReader, size: int) -> AsyncIterator[li
         yield batch
 
 
-async def _readany_within(content: aiohttp.StreamReader, seconds: float) -> bytes | None:
+async def _readany_within(content: ResumableBody, seconds: float) -> bytes | None:
     try:
         async with asyncio.timeout(seconds):
             return await content.readany()

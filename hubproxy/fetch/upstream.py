@@ -5,9 +5,10 @@ Invariants: no request ever goes to a host that is neither a configured upstream
 redirect allowlist (checked before each hop, https never downgraded); every URL is parsed once,
 by yarl, and the object checked is the object fetched (a Location that does not parse, or that
 carries userinfo, is a 502); bodies are never decompressed and only identity is asked for;
-signed URLs (their query strings) and a caller's Authorization never appear in errors or logs; a
-POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do), so its JSON body
-is sent to the first host only, and Authorization only ever by `call`.
+signed URLs (their query strings) and a caller's Authorization never appear in errors or logs;
+waiting for an answer's headers has one deadline, redirects, retries and their waits included (a
+504 after it); a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
+so its JSON body is sent to the first host only, and Authorization only ever by `call`.
 """
 
 from __future__ import annotations
@@ -146,17 +147,32 @@ class Upstream:
     async def __aexit__(self, *exc_info) -> None:
         await self._session.close()
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     async def open(self, url: str, method: str = "GET", json: dict | None = None) -> aiohttp.ClientResponse:
         """Follow the redirect chain to a 200, retrying transient trouble; caller closes it. With
         `json`, the first hop is a POST of it (kagglehub's DownloadModelInstanceVersion)."""
-        return await self._retrying(lambda: self._follow(url, "POST" if json is not None else method, json))
+        return await self._retrying(url, lambda: self._follow(url, "POST" if json is not None else method, json))
+
+    async def get_resumed(self, url: str, headers: dict) -> aiohttp.ClientResponse:
+        """A GET of url (a resume: its Range and If-Match in headers), retrying transient trouble as
+        open does; any other status is returned as it is, no redirect followed; caller closes."""
+        return await self._retrying(url, lambda: self._get_once(url, headers))
+
+    async def relocate(self, url: str, final: str, json: dict | None = None) -> str:
+        """Follow url's chain again (as open does) to its redirect to `final`, a URL without its
+        query: that URL, freshly signed, not yet requested; FetchFailed when the chain leads elsewhere."""
+        return await self._retrying(url, lambda: self._follow(url, "POST" if json is not None else "GET", json,
+                                                              until=final))
 
     async def call(self, url: str, json: dict, authorization: str | None = None) -> Answer:
         """POST `json` to url once (retrying transient trouble: connection errors, 429, 5xx) and
         return the answer as it is, any status, no redirect followed; raises FetchFailed when
         upstream cannot be reached or keeps failing."""
         headers = {} if authorization is None else {"Authorization": authorization}
-        return await self._retrying(lambda: self._call_once(url, json, headers))
+        return await self._retrying(url, lambda: self._call_once(url, json, headers))
 
     async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """One GET of url as it is (its query kept), answered with any status, no redirect
@@ -168,7 +184,20 @@ class Upstream:
         except _Transient as trouble:
             raise FetchFailed(trouble.status, trouble.message) from None
 
-    async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, url: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        """attempt_once, retried on transient trouble, all within the headers deadline."""
+        seconds = self._settings.upstream_headers_deadline_seconds
+        deadline = asyncio.timeout(seconds or None)
+        try:
+            async with deadline:
+                return await self._attempts(attempt_once)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise FetchFailed(504, f"upstream {strip_query(url)} gave no answer within {seconds:g}s "
+                                   "(redirects and retries included)") from None
+
+    async def _attempts(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
         attempts = self._settings.retries + 1
         delay = self._settings.backoff_seconds
         for attempt in range(1, attempts + 1):
@@ -183,11 +212,14 @@ class Upstream:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _follow(self, url: str, method: str, json: dict | None) -> aiohttp.ClientResponse:
+    async def _follow(self, url: str, method: str, json: dict | None, until: str | None = None):
+        """The 200 response at the chain's end; with `until`, the URL of the hop it names instead."""
         assert self._session is not None, "use Upstream as an async context manager"
         previous, url = None, _own_url(url)
         for _ in range(MAX_REDIRECTS + 1):
             self._policy.check(url, previous)
+            if until is not None and previous is not None and strip_query(url) == until:
+                return url
             response = await self._request(method, url, json=json)
             if response.status in _REDIRECTS and "Location" in response.headers:
                 response.release()
@@ -195,10 +227,20 @@ class Upstream:
                 if method == "POST" and response.status in (301, 302, 303):
                     method, json = "GET", None  # as browsers do; a HEAD stays a HEAD all the way
                 continue
+            if response.status == 200 and until is not None:
+                response.release()
+                raise FetchFailed(502, f"upstream {strip_query(url)} no longer redirects to {until}")
             if response.status == 200:
                 return response
             raise _status_error(response, url)
         raise FetchFailed(502, f"upstream redirected more than {MAX_REDIRECTS} times")
+
+    async def _get_once(self, url: str, headers: dict) -> aiohttp.ClientResponse:
+        self._policy.check(url)
+        response = await self._request("GET", url, headers=headers)
+        if response.status in _RETRYABLE:
+            raise _status_error(response, url)
+        return response
 
     async def _call_once(self, url: str, json: dict, headers: dict) -> Answer:
         parsed = _own_url(url)

@@ -5,13 +5,16 @@ Invariants: a streamed response ends with its terminating chunk only after the a
 verified (and committed, unless the disk refuses it), otherwise the connection is cut; HTTP/1.0
 clients, which cannot be told of a cut, get only verified, stored archives, and so does a request
 for a byte range, answered 206 from the committed blob (never a 200: a resuming client appends
-what it gets); this module asks the flight for spans and never builds a file path.
+what it gets); a reader whose client has left is detached within CLIENT_CHECK_SECONDS, however
+long the fetch it waits on takes; this module asks the flight for spans and never builds a file path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from typing import Awaitable, TypeVar
 
 from aiohttp import web
 
@@ -27,6 +30,10 @@ from .replies import JOIN, MISS, X_CACHE, error
 
 log = logging.getLogger(__name__)
 
+CLIENT_CHECK_SECONDS = 1.0  # how often a reader waiting on its fetch looks whether its client is still there
+CLIENT_LEFT = 499  # logged for a request whose client left before it had an answer (as nginx does)
+T = TypeVar("T")
+
 
 async def serve_flight(request: web.Request, key: str, url: str, *, post_json: dict | None = None,
                        archive: bool = True, resumable: bool = False) -> web.StreamResponse:
@@ -40,9 +47,11 @@ async def serve_flight(request: web.Request, key: str, url: str, *, post_json: d
         outcome = JOIN if joined else MISS
         request.app[METRICS].requests.labels(outcome).inc()
         try:
-            await flight.ready()
+            await _unless_client_leaves(request, flight.ready())
         except FetchFailed as e:
             return error(e.status, e.message, headers={X_CACHE: outcome})
+        except ConnectionError:
+            return error(CLIENT_LEFT, "the client left before the fetch began", headers={X_CACHE: outcome})
         if not streaming:
             return await _serve_when_committed(request, flight, outcome)
         response = web.StreamResponse(headers={X_CACHE: outcome, "Content-Type": flight.evidence.content_type})
@@ -53,7 +62,7 @@ async def serve_flight(request: web.Request, key: str, url: str, *, post_json: d
             _announce_length(response, flight.evidence)
         try:
             await wire.start(request, response)
-            await _send_spans(request, response, flight, chunked)
+            await _unless_client_leaves(request, _send_spans(request, response, flight, chunked))
             await response.write_eof()
         except FetchFailed as e:
             log.warning("cutting %s short for a client: %s", key, e.message)
@@ -61,6 +70,24 @@ async def serve_flight(request: web.Request, key: str, url: str, *, post_json: d
         except ConnectionError:
             log.info("client left during %s; the fetch goes on", key)
         return response
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[T]) -> T:
+    """The result of work, or ConnectionResetError once the client's connection is gone (work is
+    then cancelled): aiohttp does not cancel a handler whose client left, so without this a reader
+    waiting for the bytes of a stalled fetch would stay attached to it for as long as it lasts."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=CLIENT_CHECK_SECONDS)
+            if not task.done() and (request.transport is None or request.transport.is_closing()):
+                raise ConnectionResetError("the client left")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _announce_length(response: web.StreamResponse, evidence: Evidence) -> None:
@@ -93,9 +120,11 @@ async def _serve_when_committed(request: web.Request, flight: Flight, outcome: s
     verified blob only: such requests wait for the committed archive and are answered like a hit
     (Content-Length, 206 for a range)."""
     try:
-        entry = await flight.finished()
+        entry = await _unless_client_leaves(request, flight.finished())
     except FetchFailed as e:
         return error(e.status, e.message, headers={X_CACHE: outcome})
+    except ConnectionError:
+        return error(CLIENT_LEFT, "the client left before the fetch ended", headers={X_CACHE: outcome})
     response = await serve_hit(request, entry, outcome=outcome)
     return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: outcome})
 
