@@ -47,6 +47,10 @@ FAULTS = {
     "no checksum, cut": dict(no_checksum=True, truncate_at=MIDDLE),
     "no checksum, flipped": dict(no_checksum=True, corrupt_at=MIDDLE),
     "no checksum, an HTML page": dict(no_checksum=True, html=True),
+    "cut once in the middle (resumed)": dict(cut_once_at=MIDDLE),
+    "cut every 100 kB": dict(cut_every=100_000),
+    "cut once, and the object replaced": dict(cut_once_at=MIDDLE, replaced=True),
+    "no checksum, cut once": dict(no_checksum=True, cut_once_at=MIDDLE),
 }
 REDIRECTS = {  # where the Kaggle hop sends the download instead of the signed storage URL
     "off the allowlist": "{canary}/stolen",

@@ -218,8 +218,8 @@ class Upstream:
         previous, url = None, _own_url(url)
         for _ in range(MAX_REDIRECTS + 1):
             self._policy.check(url, previous)
-            if until is not None and previous is not None and strip_query(url) == until:
-                return url
+            if until is not None and previous is not None and strip_query(str(url)) == until:
+                return str(url)
             response = await self._request(method, url, json=json)
             if response.status in _REDIRECTS and "Location" in response.headers:
                 response.release()
@@ -229,15 +229,16 @@ class Upstream:
                 continue
             if response.status == 200 and until is not None:
                 response.release()
-                raise FetchFailed(502, f"upstream {strip_query(url)} no longer redirects to {until}")
+                raise FetchFailed(502, f"upstream {_shown(url)} no longer redirects to {until}")
             if response.status == 200:
                 return response
             raise _status_error(response, url)
         raise FetchFailed(502, f"upstream redirected more than {MAX_REDIRECTS} times")
 
     async def _get_once(self, url: str, headers: dict) -> aiohttp.ClientResponse:
-        self._policy.check(url)
-        response = await self._request("GET", url, headers=headers)
+        parsed = _own_url(url)
+        self._policy.check(parsed)
+        response = await self._request("GET", parsed, headers=headers)
         if response.status in _RETRYABLE:
             raise _status_error(response, url)
         return response
