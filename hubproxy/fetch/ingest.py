@@ -186,6 +186,7 @@ class Ingest:
             except OSError as e:
                 if disk_trouble(e) is None:
                     raise
+                self._disk_refused(batch, pending, e)  # its done callback may not have run yet
         if self._flight.window is not None:
             self._require_streamers()
         pending.popleft()
@@ -223,8 +224,13 @@ class Ingest:
             if not self._disk_failed:
                 self._flight.advance(batch.start + batch.size)
             return
+        self._disk_refused(batch, pending, None if write.cancelled() else write.exception())
+
+    def _disk_refused(self, batch: _Batch, pending: collections.deque[_Batch], error: BaseException | None) -> None:
+        """batch's write failed: from its first byte on, the fetch passes through (once, whichever
+        of the done callback and _settle sees the failure first)."""
         self._disk_failed = True  # later writes land after a short one: never trust them
-        reason = None if write.cancelled() else disk_trouble(write.exception())
+        reason = None if error is None else disk_trouble(error)
         if reason is not None and self._flight.window is None and self._flight.state is State.STREAMING:
             self._pass_through(reason, at=batch.start, batches=itertools.dropwhile(lambda b: b is not batch, pending))
 
