@@ -78,6 +78,8 @@ def run(workdir: Path, seed: int, seconds: float, clients: int) -> tuple[killloo
             soak = aborts.abort_soak(origin, server, workdir, seed=seed, seconds=seconds / 2, clients=clients)
     if broken is None and (soak.errors or soak.wrong_bytes):
         broken = f"{soak.errors} errors, {soak.wrong_bytes} wrong bodies in the soak: {soak.first_errors}"
+    if broken is None and soak.tracebacks:
+        broken = f"{soak.tracebacks} tracebacks in the proxy's log, the first: {soak.last_traceback_line}"
     return kills, soak, broken
 
 

@@ -51,6 +51,7 @@ def test_clients_hanging_up_mid_body_cost_the_others_nothing_and_leak_nothing(cl
 
     assert figures.aborts > 0
     assert (figures.errors, figures.wrong_bytes) == (0, 0), figures.first_errors
+    assert figures.tracebacks == 0, f"a client hanging up cost a traceback: {figures.last_traceback_line}"
     warmed, last = figures.readings[1], figures.readings[-1]  # round 0 warms up: first imports, pools
     assert last.fds <= warmed.fds + FD_SLACK, f"open fds grew: {figures.readings}"
     assert last.rss <= warmed.rss * 1.25 + RSS_SLACK, f"RSS grew: {figures.readings}"
