@@ -270,6 +270,23 @@ def test_a_private_models_signed_storage_url_through_the_proxy_is_relayed_and_no
     assert stored == []
 
 
+def test_a_relayed_download_keeps_its_encoding_and_gets_a_clean_content_type(mirror, clean_origin, archive,
+                                                                             members):
+    """A relay passes bytes through unchanged, so the encoding that frames them must pass too (else the
+    client takes gzip bytes for the file); a Content-Type that is no media type is not sent on."""
+    model = clean_origin.register(archive, private=True)
+    signed = download_location(clean_origin, model, BIG, Authorization=model.authorization())
+    clean_origin.faults(model, BIG, content_encoding="gzip", content_type="application/x-tar; name=\u2603")
+
+    answer = requests.get(signed.replace(clean_origin.urls["gcs"], "http://storage.googleapis.com"),
+                          proxies={"http": mirror.url}, timeout=60)
+
+    assert (answer.status_code, answer.headers["X-Cache"]) == (200, "PASS")
+    assert answer.headers["Content-Encoding"] == "gzip"
+    assert answer.headers["Content-Type"] == "application/octet-stream"
+    assert answer.content == members[BIG]  # as requests decodes it
+
+
 def test_a_token_for_a_public_model_is_served_from_the_cache(mirror, clean_origin, archive, members, ca, tmp_path):
     model = clean_origin.register(archive)
     token = "a-token-the-origin-ignores-" + "7" * 16
