@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 from tests.conftest import hub_load, loaded_output, run_cli, stand_in_archive
 
@@ -88,3 +89,32 @@ def test_restart_reconciles_index_and_blobs(proxy_factory, clean_origin, tmp_pat
     restarted.stop()
     listing = run_cli("cache", "ls", "--json", "--cache-dir", cache_dir)
     assert [entry["key"] for entry in json.loads(listing.stdout)] == [f"tfhub:/{kept.handle}"]
+
+
+def test_a_second_process_starting_on_the_cache_leaves_a_running_download_its_temp_file(
+        proxy_factory, clean_origin, archives, tmp_path):
+    """Start-up removes the temp files of fetches that died, never those a live process is writing."""
+    first = proxy_factory(tmp_path / "cache")
+    model = clean_origin.register(archives.padded)
+    clean_origin.faults(model, hold_after=len(archives.padded.read_bytes()) // 2)
+    outcome = {}
+
+    def download():
+        try:
+            outcome.update(zip(("status", "headers", "body"), first.get(f"/{model.handle}")))
+        except OSError as e:  # cut short
+            outcome["error"] = repr(e)
+
+    client = threading.Thread(target=download)
+    client.start()
+    clean_origin.wait_held(1)
+
+    proxy_factory(tmp_path / "cache").stop()  # started (its clean-up done, it listens), then gone
+    clean_origin.release()
+    client.join(timeout=120)
+
+    assert "error" not in outcome, outcome["error"]
+    assert (outcome["status"], outcome["body"]) == (200, archives.padded.read_bytes())
+    assert "crashed" not in first.log.read_text()
+    status, headers, _ = first.get(f"/{model.handle}")
+    assert (status, headers["X-Cache"]) == (200, "HIT")

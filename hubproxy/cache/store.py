@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
@@ -63,11 +64,14 @@ class Store:
         self._index.close()
 
     def clear_temp(self) -> int:
-        """Remove the leftovers of fetches interrupted by a crash or restart; returns how many."""
+        """Remove the leftovers of fetches interrupted by a crash or restart, never a temp file a
+        live process holds (its lock says so: another hubproxy on this cache); returns how many."""
         removed = 0
         for leftover in self.tmp.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
+            elif _held_by_a_live_process(leftover):
+                continue
             else:
                 leftover.unlink()
             removed += 1
@@ -225,8 +229,10 @@ class Store:
                     self._index.set(key, raw)
 
     def new_temp_file(self) -> tuple[int, Path]:
-        """An open, writable temp file inside the cache root: (fd, path)."""
+        """An open, writable temp file inside the cache root: (fd, path). The descriptor holds an
+        exclusive lock on it for as long as it is open, so no other process's clear_temp takes it."""
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="fetch-", suffix=".part")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: nobody else can hold it
         return fd, Path(name)
 
     def commit(self, key: str, temp_path: Path, sha256: str, size: int, *,
@@ -285,6 +291,20 @@ class Store:
 
     def discard(self, temp_path: Path) -> None:
         temp_path.unlink(missing_ok=True)
+
+
+def _held_by_a_live_process(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # gone already, or not a plain file: unlink decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's own lock, if it got one
+    return False
 
 
 def _fsync_file(path: Path) -> None:

@@ -81,9 +81,7 @@ class Ingest:
                 write_fd = self._open_temp()
                 digests = Digests(flight.evidence, archive=flight.archive)
                 await self._stream(body, write_fd, digests)
-            if write_fd is not None:
-                os.close(write_fd)
-                write_fd = None
+            # write_fd stays open (and so the temp file locked) until the commit has renamed it
             check_complete(flight.evidence, flight.received, digests)
             if flight.window is None:
                 entry = await self._commit(digests.sha256.hexdigest(), source)
