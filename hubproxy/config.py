@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .handles import DEFAULT_UPSTREAMS, KAGGLE_API, UPSTREAM_NAMES
+from .handles import DEFAULT_UPSTREAMS
 from .units import parse_duration, parse_size
 
 ENV_PREFIX = "HUBPROXY_"
@@ -195,8 +195,8 @@ def _parse_upstreams(raw: Any) -> dict[str, str]:
 
 def _validate(settings: Settings) -> None:
     for name, url in settings.upstreams.items():
-        if name not in (*UPSTREAM_NAMES, KAGGLE_API):
-            raise ConfigError(f"unknown upstream {name!r}; known: {', '.join((*UPSTREAM_NAMES, KAGGLE_API))}")
+        if name not in DEFAULT_UPSTREAMS:
+            raise ConfigError(f"unknown upstream {name!r}; known: {', '.join(DEFAULT_UPSTREAMS)}")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"upstream {name} must be an http(s) URL, got {url!r}")
     try:

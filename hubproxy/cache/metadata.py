@@ -59,12 +59,12 @@ class Metadata:
         data = json.dumps({"key": key, "stored": time.time(), "document": document}).encode()
         fd, temp = self._store.new_temp_file()
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f:  # open (so the temp file locked) until it is renamed
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            target.parent.mkdir(exist_ok=True)
-            os.replace(temp, target)
+                target.parent.mkdir(exist_ok=True)
+                os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

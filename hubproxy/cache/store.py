@@ -158,7 +158,7 @@ class Store:
     def _drop_blobless(self, keys: list[str]) -> int:
         """Remove those entries whose blob is still missing now; returns how many."""
         dropped = 0
-        with self._index_write(), self._index.transact():
+        with self._write_transaction():
             for key in keys:
                 raw = self._index.get(key)
                 if raw is not None and not os.path.isfile(self._blob_file(raw["sha256"])):
@@ -195,7 +195,7 @@ class Store:
         done under the index's lock, which commits take to place and index a blob. A client still
         reading a deleted blob keeps its open file to the end."""
         deleted = []
-        with self._index_write(), self._index.transact():
+        with self._write_transaction():
             in_use = self.blobs_in_use()
             for sha256 in sha256s:
                 if sha256 not in in_use:
@@ -220,7 +220,7 @@ class Store:
         """Add counted hits to the index in one transaction; blocking, run it in a thread."""
         if not pending:
             return
-        with self._index_write(), self._index.transact():
+        with self._write_transaction():
             for key, (hits, last_access) in pending.items():
                 raw = self._index.get(key)
                 if raw is not None:
@@ -247,7 +247,7 @@ class Store:
         if durable:
             _fsync_file(temp_path)
         try:
-            with self._index_write(), self._index.transact():
+            with self._write_transaction():
                 os.replace(temp_path, blob)
                 if durable:
                     _fsync_dir(blob.parent)
@@ -262,7 +262,7 @@ class Store:
                 source: str) -> Entry:
         """Index key → a blob that is already stored (another spelling of the same archive); raises
         FileNotFoundError when it is not, or no longer is."""
-        with self._index_write(), self._index.transact():
+        with self._write_transaction():
             blob = self.blob_path(sha256)
             if not blob.is_file() or blob.stat().st_size != size:
                 raise FileNotFoundError(f"no stored blob {sha256} of {size} bytes")
@@ -277,6 +277,12 @@ class Store:
         self._index.set(key, dataclasses.asdict(entry))
         self._remember(entry, time.monotonic())
         return entry
+
+    @contextlib.contextmanager
+    def _write_transaction(self):
+        """One write transaction on the index (SQLite's lock, which other processes take too)."""
+        with self._index_write(), self._index.transact():
+            yield
 
     @contextlib.contextmanager
     def _index_write(self):

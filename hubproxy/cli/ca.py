@@ -32,7 +32,7 @@ def _settings(ca_dir, config_file) -> tuple[Path, Settings]:
     settings = settings_or_exit(config_file, {"ca_dir": ca_dir})
     if settings.ca_dir is None:
         fail("no CA dir: give --ca-dir DIR (or set HUBPROXY_CA_DIR, or ca_dir in --config)")
-    return Path(settings.ca_dir).expanduser(), settings
+    return settings.ca_path, settings
 
 
 def _ca_pem(directory: Path) -> bytes:

@@ -171,7 +171,7 @@ class Connection(asyncio.Protocol):
     def _watch(self, data: bytes) -> None:
         if self._state == REQUEST:
             self._carried = True
-            self._tail = (self._tail + data)[-3:]
+            self._tail = (self._tail + data[-3:])[-3:]  # no copy of the whole body chunk
             return
         if self._state == IDLE:
             if not self._carried:

@@ -157,7 +157,7 @@ async def _keep(request: web.Request, call: Call, answer: Answer) -> dict | None
     """An anonymous call's good answer (a JSON object; for a download, a redirect) remembered:
     its scope is public, and a metadata answer is stored. The document, or None if not good."""
     if call.rpc == DOWNLOAD:
-        good, document = answer.status in (301, 302, 303, 307, 308) and answer.location is not None, {}
+        good, document = answer.location is not None, {}  # set for redirects only
     else:
         document = _json_object(answer.body) if answer.status == 200 else None
         good = document is not None
