@@ -7,6 +7,7 @@ The cache lives on a small tmpfs that each test mounts (skipped where the machin
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -48,8 +49,7 @@ class SmallDisk:
     def make_cache_read_only(self) -> None:
         """What a kernel does to a file system after I/O errors: new writes fail with EROFS (a read-only
         bind mount over the cache, since a running proxy's open index keeps a remount busy)."""
-        subprocess.run(["mount", "--bind", str(self.cache_dir), str(self.cache_dir)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(self.cache_dir)], check=True)
+        read_only_bind_mount(self.cache_dir)
 
     def make_cache_writable(self) -> None:
         # Lazily: files opened through the read-only mount (an index connection a thread opened
@@ -59,6 +59,36 @@ class SmallDisk:
     def stored_files(self) -> list[Path]:
         blobs = [p for p in (self.cache_dir / "blobs").rglob("*") if p.is_file()]
         return blobs + list((self.cache_dir / "tmp").iterdir())
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+_OPEN_TREE, _MOVE_MOUNT, _MOUNT_SETATTR = 428, 429, 442  # the same number on every architecture
+_AT_FDCWD, _AT_EMPTY_PATH, _OPEN_TREE_CLONE, _MOVE_MOUNT_F_EMPTY_PATH, _MOUNT_ATTR_RDONLY = -100, 0x1000, 1, 4, 1
+
+
+def read_only_bind_mount(directory: Path) -> None:
+    """Cover `directory` with a read-only bind of itself in one step: with `mount --bind` then
+    `remount,ro`, a file the proxy opens for writing in between makes the remount fail busy."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.fsencode(directory)
+
+    def call(*args) -> int:
+        result = libc.syscall(*args)
+        if result < 0:
+            raise OSError(ctypes.get_errno(), f"read-only bind mount of {directory}: {os.strerror(ctypes.get_errno())}")
+        return result
+
+    tree = call(_OPEN_TREE, _AT_FDCWD, path, _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    try:
+        attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY)
+        call(_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        call(_MOVE_MOUNT, tree, b"", _AT_FDCWD, path, _MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(tree)
 
 
 @pytest.fixture
