@@ -31,6 +31,7 @@ class Evidence:
     etag: str | None
     content_type: str
     content_encoding: str = "identity"
+    sha256: bytes | None = None  # a parent hubproxy's Repr-Digest (RFC 9530): checked at the end
 
     @classmethod
     def from_headers(cls, headers) -> "Evidence":
@@ -43,6 +44,12 @@ class Evidence:
                     md5 = digest
                 elif name == "crc32c" and digest is not None and len(digest) == 4:
                     crc32c = int.from_bytes(digest, "big")
+        sha256 = None
+        for part in ",".join(headers.getall("Repr-Digest", [])).split(","):
+            name, _, encoded = part.strip().partition("=")
+            digest = _b64(encoded.strip().strip(":"))
+            if name.strip().lower() == "sha-256" and digest is not None and len(digest) == 32:
+                sha256 = digest
         length = headers.get("Content-Length")
         return cls(
             content_length=int(length) if length and length.isdigit() else None,
@@ -51,6 +58,7 @@ class Evidence:
             etag=headers.get("ETag"),
             content_type=safe_media_type(headers.get("Content-Type")),
             content_encoding=", ".join(headers.getall("Content-Encoding", [])) or "identity",
+            sha256=sha256,
         )
 
 
@@ -123,7 +131,8 @@ def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
         raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
     if not archive and evidence.md5 is None and evidence.crc32c is None:
         raise FetchFailed(502, "upstream sent a file without an x-goog-hash checksum; refusing to vouch for it")
-    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None:
+    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None \
+            and evidence.sha256 is None:
         raise FetchFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
 
 
@@ -138,6 +147,8 @@ def check_complete(evidence: Evidence, received: int, digests: Digests) -> None:
     expected = evidence.content_length
     if expected is not None and received != expected:
         raise FetchFailed(502, f"upstream sent {received} of {expected} bytes")
+    if evidence.sha256 is not None and digests.sha256.digest() != evidence.sha256:
+        raise FetchFailed(502, "upstream bytes do not match the sha256 its Repr-Digest states")
     bad = digests.mismatch(evidence)
     if bad:
         raise FetchFailed(502, f"upstream bytes do not match its own {bad} checksum")

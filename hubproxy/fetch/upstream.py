@@ -54,7 +54,7 @@ class HostPolicy:
 
     def __init__(self, settings: Settings):
         self._allowed: set[tuple[str, int | None]] = set()
-        for url in settings.upstreams.values():
+        for url in (*settings.upstreams.values(), *settings.parents):  # parents are configuration too
             parsed = URL(url)
             self._allowed.add((parsed.host or "", parsed.port))
         for entry in settings.allow_redirect_hosts:
@@ -154,7 +154,8 @@ class Upstream:
     async def open(self, url: str, method: str = "GET", json: dict | None = None) -> aiohttp.ClientResponse:
         """Follow the redirect chain to a 200, retrying transient trouble; caller closes it. With
         `json`, the first hop is a POST of it (kagglehub's DownloadModelInstanceVersion)."""
-        return await self._retrying(url, lambda: self._follow(url, "POST" if json is not None else method, json))
+        return await self._via_parents(url, lambda url: self._retrying(
+            url, lambda: self._follow(url, "POST" if json is not None else method, json)))
 
     async def get_resumed(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """A GET of url (a resume: its Range and If-Match in headers), retrying transient trouble as
@@ -172,7 +173,24 @@ class Upstream:
         return the answer as it is, any status, no redirect followed; raises FetchFailed when
         upstream cannot be reached or keeps failing."""
         headers = {} if authorization is None else {"Authorization": authorization}
-        return await self._retrying(url, lambda: self._call_once(url, json, headers))
+        return await self._via_parents(url, lambda url: self._retrying(
+            url, lambda: self._call_once(url, json, headers)))
+
+    async def _via_parents(self, url: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """attempt(url); when url is the first parent's and that parent is down (unreachable, 5xx,
+        no answer in time), attempt the same path at each next parent in turn. A 404 is an answer."""
+        parents = [p.rstrip("/") for p in self._settings.parents]
+        if not parents or not url.startswith(parents[0] + "/"):
+            return await attempt(url)
+        tail = url[len(parents[0]):]
+        for number, parent in enumerate(parents, 1):
+            try:
+                return await attempt(parent + tail)
+            except FetchFailed as e:
+                if e.status not in (502, 503, 504) or number == len(parents):
+                    raise
+                log.warning("parent %s is down, trying the next: %s", parent, e.message)
+        raise AssertionError("unreachable")
 
     async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """One GET of url as it is (its query kept), answered with any status, no redirect
