@@ -13,7 +13,11 @@ import threading
 import pytest
 from aiohttp import web
 
+from tests import test_interception, test_kagglehub_through_mirror as through, test_origin_kaggle_api
 from tests.conftest import hub_load, loaded_output, model_dirs
+from tests.test_origin_kaggle_api import downloaded, md5s
+
+ca, members, archive = test_interception.ca, test_origin_kaggle_api.members, test_origin_kaggle_api.archive
 
 
 def _stored_blobs(proxy) -> list:
@@ -88,3 +92,31 @@ def test_a_parent_serving_rotten_bytes_cuts_the_client_and_stores_nothing(proxy_
     assert model_dirs(tmp_path / "tfhub") == []
     assert _stored_blobs(child) == []
     assert "Repr-Digest" in child.log.read_text()
+
+
+
+def test_kagglehub_through_a_child_gets_its_metadata_and_files_through_the_parent(proxy_factory, clean_origin,
+                                                                                 archive, members, ca, tmp_path):
+    model = clean_origin.register(archive)
+    parent = proxy_factory(tmp_path / "parent", upstreams=through._upstreams(clean_origin))
+    dead = {name: "http://127.0.0.1:9" for name in ("tfhub", "kaggle", "gcs", "kaggle-api")}
+    child = proxy_factory(tmp_path / "child", "--intercept", "--ca-dir", ca, "--parent", parent.url, upstreams=dead)
+
+    files = downloaded(through.run_kagglehub(child, ca, model.kaggle_handle, tmp_path / "kh"))
+
+    assert files == md5s(members)
+    assert _stored_blobs(child) and _stored_blobs(parent)
+
+
+def test_when_every_parent_is_down_the_request_is_a_502_and_no_upstream_is_asked(proxy_factory, clean_origin,
+                                                                                 archives, tmp_path):
+    model = clean_origin.register(archives.small)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        child = proxy_factory(tmp_path / "child", "--parent", dead, "--retries", "0")
+
+        status, _, body = child.get(f"/{model.handle}?tf-hub-format=compressed")
+
+    assert status == 502 and b"cannot reach upstream" in body
+    assert clean_origin.object_gets(model) == 0  # the configured upstreams are not a fallback
