@@ -120,3 +120,18 @@ def test_when_every_parent_is_down_the_request_is_a_502_and_no_upstream_is_asked
 
     assert status == 502 and b"cannot reach upstream" in body
     assert clean_origin.object_gets(model) == 0  # the configured upstreams are not a fallback
+
+
+def test_a_parents_miss_of_an_archive_the_origin_gave_no_checksum_for_still_loads(proxy_factory, clean_origin,
+                                                                                  archives, tmp_path):
+    """The parent streams such a miss chunked (no length, no checksum to pass on): the child takes
+    the parent's terminating chunk as the end, and the archive must prove itself sound."""
+    origin = clean_origin
+    model = origin.register(archives.small)
+    origin.faults(model, no_checksum=True)
+    parent = proxy_factory(tmp_path / "parent")
+    child = proxy_factory(tmp_path / "child", "--parent", parent.url)
+
+    assert loaded_output(hub_load(f"{child.url}/{model.handle}", tmp_path / "tfhub")) == \
+        archives.expected(archives.small)
+    assert origin.object_gets(model) == 1 and _stored_blobs(child)

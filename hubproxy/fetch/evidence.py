@@ -119,11 +119,13 @@ class Digests:
         return None
 
 
-def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
+def refuse_unverifiable(evidence: Evidence, archive: bool = True, framed: bool = False) -> None:
     """Before the body: refuse what we could never vouch for. An archive is checked for its gzip
     start too; a file (kagglehub's) has no magic to check, so its checksum is required. A body
     encoded although we asked for identity is not the object's bytes (nor what its checksum covers
-    when the origin transcoded it), and decoding it would hide that: it is refused."""
+    when the origin transcoded it), and decoding it would hide that: it is refused. framed: the body
+    comes from a parent hubproxy, whose terminating chunk is its verdict, so an archive needs no
+    length (it must still prove itself sound)."""
     if evidence.content_encoding.strip().lower() != "identity":
         raise FetchFailed(502, f"upstream sent Content-Encoding {evidence.content_encoding[:40]!r} although "
                                "hubproxy asked for identity; refusing the encoded bytes")
@@ -132,7 +134,7 @@ def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
     if not archive and evidence.md5 is None and evidence.crc32c is None:
         raise FetchFailed(502, "upstream sent a file without an x-goog-hash checksum; refusing to vouch for it")
     if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None \
-            and evidence.sha256 is None:
+            and evidence.sha256 is None and not (framed and archive):
         raise FetchFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
 
 

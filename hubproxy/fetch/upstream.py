@@ -8,7 +8,9 @@ carries userinfo, is a 502); bodies are never decompressed and only identity is 
 signed URLs (their query strings) and a caller's Authorization never appear in errors or logs;
 waiting for an answer's headers has one deadline, redirects, retries and their waits included (a
 504 after it); a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
-so its JSON body is sent to the first host only, and Authorization only ever by `call`.
+so its JSON body is sent to the first host only, and Authorization only ever by `call`; with
+parents (configured, so allowed hosts), a request for the first one's URL goes to the next one when a
+parent is down, and never to the upstreams.
 """
 
 from __future__ import annotations
@@ -175,6 +177,10 @@ class Upstream:
         headers = {} if authorization is None else {"Authorization": authorization}
         return await self._via_parents(url, lambda url: self._retrying(
             url, lambda: self._call_once(url, json, headers)))
+
+    def is_parent(self, url: URL) -> bool:
+        """Whether url is on one of the configured parent hubproxies."""
+        return any(url.origin() == URL(parent).origin() for parent in self._settings.parents)
 
     async def _via_parents(self, url: str, attempt: Callable[[str], Awaitable[T]]) -> T:
         """attempt(url); when url is the first parent's and that parent is down (unreachable, 5xx,
