@@ -59,6 +59,7 @@ class Settings:
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
     header_timeout: str = "30s"  # a request head must arrive within this (408 otherwise); bytes do not extend it
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
+    parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
 
     @property
@@ -96,6 +97,11 @@ class Settings:
     @property
     def upstream_headers_deadline_seconds(self) -> float:
         return parse_duration(self.upstream_headers_deadline)
+
+    def upstream_base(self, name: str) -> str:
+        """The base URL name's requests go to: the first parent (whose mirror URL space is the
+        handle path of every upstream), else that upstream's own; Upstream fails over to the next."""
+        return self.parents[0] if self.parents else self.upstreams[name]
 
     @property
     def cache_path(self) -> Path:
@@ -156,7 +162,7 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     try:
         if key == "upstreams":
             return _parse_upstreams(raw)
-        if key in ("allow_redirect_hosts", "tunnel"):
+        if key in ("allow_redirect_hosts", "tunnel", "parents"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             return tuple(item.strip() for item in items if item.strip())
         if kind == "bool":
@@ -199,6 +205,9 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"unknown upstream {name!r}; known: {', '.join(DEFAULT_UPSTREAMS)}")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"upstream {name} must be an http(s) URL, got {url!r}")
+    for url in settings.parents:
+        if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
+            raise ConfigError(f"parent must be an http(s) base URL, got {url[:80]!r}")
     try:
         port = settings.listen_port
     except ValueError:

@@ -61,6 +61,20 @@ def test_host_policy_allows_upstreams_and_allowlist_only():
             policy.check(URL(url))
 
 
+def test_parents_are_a_list_in_toml_and_env_and_allowed_hosts(tmp_path):
+    toml = tmp_path / "hubproxy.toml"
+    toml.write_text('parents = ["http://regional-a:8080", "https://regional-b"]\n')
+    settings = load_settings(toml, environ={})
+    assert settings.parents == ("http://regional-a:8080", "https://regional-b")
+    assert settings.upstream_base("gcs") == "http://regional-a:8080"
+    assert load_settings(environ={"HUBPROXY_PARENTS": "http://a:1, http://b:2"}).parents == ("http://a:1", "http://b:2")
+    policy = HostPolicy(settings)
+    policy.check(URL("http://regional-a:8080/google/x/1"))
+    policy.check(URL("https://regional-b/google/x/1"))
+    with pytest.raises(FetchFailed):
+        policy.check(URL("http://regional-a:9999/x"))
+
+
 def test_host_policy_refuses_https_downgrade():
     policy = HostPolicy(Settings())
     with pytest.raises(FetchFailed, match="https to plain http"):
@@ -97,6 +111,7 @@ def test_upstream_flags_and_env_lists():
     ("[upstreams]\ntfhub = 'ftp://x'\n", "must be an http(s) URL"),
     ("listen = 'nowhere'\n", "listen must be HOST:PORT"),
     ("listen = \n", "not valid TOML"),
+    ("parents = ['ftp://regional:8080']\n", "parent must be an http(s) base URL"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, toml, message):
     path = tmp_path / "bad.toml"

@@ -18,6 +18,9 @@ from .failures import fail, reason
 @setting_option("--listen", "listen", "HOST:PORT to serve on (port 0 picks a free one).", "127.0.0.1:8080")
 @setting_option("--cache-dir", "cache_dir", "Where archives and the index live.", "~/.cache/hubproxy")
 @upstream_options
+@setting_option("--parent", "parents", "A hubproxy to fetch through instead of the upstreams (a regional cache). "
+                "Repeatable: tried in order, the next when one is down; then the request fails.", multiple=True,
+                metavar="URL")
 @setting_option("--retries", "retries", "Extra attempts on 429/5xx/connection errors.", "3", type=int)
 @setting_option("--backoff-seconds", "backoff_seconds", "First retry delay, doubled each time.", "0.5",
                 type=float)

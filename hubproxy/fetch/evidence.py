@@ -31,6 +31,7 @@ class Evidence:
     etag: str | None
     content_type: str
     content_encoding: str = "identity"
+    sha256: bytes | None = None  # a parent hubproxy's Repr-Digest (RFC 9530): checked at the end
 
     @classmethod
     def from_headers(cls, headers) -> "Evidence":
@@ -43,6 +44,12 @@ class Evidence:
                     md5 = digest
                 elif name == "crc32c" and digest is not None and len(digest) == 4:
                     crc32c = int.from_bytes(digest, "big")
+        sha256 = None
+        for part in ",".join(headers.getall("Repr-Digest", [])).split(","):
+            name, _, encoded = part.strip().partition("=")
+            digest = _b64(encoded.strip().strip(":"))
+            if name.strip().lower() == "sha-256" and digest is not None and len(digest) == 32:
+                sha256 = digest
         length = headers.get("Content-Length")
         return cls(
             content_length=int(length) if length and length.isdigit() else None,
@@ -51,6 +58,7 @@ class Evidence:
             etag=headers.get("ETag"),
             content_type=safe_media_type(headers.get("Content-Type")),
             content_encoding=", ".join(headers.getall("Content-Encoding", [])) or "identity",
+            sha256=sha256,
         )
 
 
@@ -111,11 +119,13 @@ class Digests:
         return None
 
 
-def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
+def refuse_unverifiable(evidence: Evidence, archive: bool = True, framed: bool = False) -> None:
     """Before the body: refuse what we could never vouch for. An archive is checked for its gzip
     start too; a file (kagglehub's) has no magic to check, so its checksum is required. A body
     encoded although we asked for identity is not the object's bytes (nor what its checksum covers
-    when the origin transcoded it), and decoding it would hide that: it is refused."""
+    when the origin transcoded it), and decoding it would hide that: it is refused. framed: the body
+    comes from a parent hubproxy, whose terminating chunk is its verdict, so an archive needs no
+    length (it must still prove itself sound)."""
     if evidence.content_encoding.strip().lower() != "identity":
         raise FetchFailed(502, f"upstream sent Content-Encoding {evidence.content_encoding[:40]!r} although "
                                "hubproxy asked for identity; refusing the encoded bytes")
@@ -123,7 +133,8 @@ def refuse_unverifiable(evidence: Evidence, archive: bool = True) -> None:
         raise FetchFailed(502, "upstream answered with an HTML page, not a model archive")
     if not archive and evidence.md5 is None and evidence.crc32c is None:
         raise FetchFailed(502, "upstream sent a file without an x-goog-hash checksum; refusing to vouch for it")
-    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None:
+    if evidence.content_length is None and evidence.md5 is None and evidence.crc32c is None \
+            and evidence.sha256 is None and not (framed and archive):
         raise FetchFailed(502, "upstream gave neither Content-Length nor a checksum; refusing to vouch for it")
 
 
@@ -138,6 +149,8 @@ def check_complete(evidence: Evidence, received: int, digests: Digests) -> None:
     expected = evidence.content_length
     if expected is not None and received != expected:
         raise FetchFailed(502, f"upstream sent {received} of {expected} bytes")
+    if evidence.sha256 is not None and digests.sha256.digest() != evidence.sha256:
+        raise FetchFailed(502, "upstream bytes do not match the sha256 its Repr-Digest states")
     bad = digests.mismatch(evidence)
     if bad:
         raise FetchFailed(502, f"upstream bytes do not match its own {bad} checksum")

@@ -77,7 +77,8 @@ class Ingest:
                                  self._on_resume)
             with contextlib.closing(body):
                 source = strip_query(str(response.url))  # the final hop, without its signature
-                refuse_unverifiable(flight.evidence, archive=flight.archive)
+                refuse_unverifiable(flight.evidence, archive=flight.archive,
+                                    framed=self._upstream.is_parent(response.url))
                 write_fd = self._open_temp()
                 digests = Digests(flight.evidence, archive=flight.archive)
                 await self._stream(body, write_fd, digests)

@@ -25,7 +25,7 @@ async def fetch_verified(store: Store, settings: Settings, handle: Handle, progr
     """Fetch one handle into store; returns the committed Entry or raises FetchFailed."""
     async with Upstream(settings) as upstream:
         flights = Flights(store, upstream, Metrics())
-        url = handle.upstream_url(settings.upstreams[handle.upstream])
+        url = handle.upstream_url(settings.upstream_base(handle.upstream))
         async with flights.join(handle.key, url, streaming=False) as (flight, _):
             finished = asyncio.ensure_future(flight.finished())
             while not finished.done():

@@ -8,7 +8,9 @@ carries userinfo, is a 502); bodies are never decompressed and only identity is 
 signed URLs (their query strings) and a caller's Authorization never appear in errors or logs;
 waiting for an answer's headers has one deadline, redirects, retries and their waits included (a
 504 after it); a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
-so its JSON body is sent to the first host only, and Authorization only ever by `call`.
+so its JSON body is sent to the first host only, and Authorization only ever by `call`; with
+parents (configured, so allowed hosts), a request for the first one's URL goes to the next one when a
+parent is down, and never to the upstreams.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class HostPolicy:
 
     def __init__(self, settings: Settings):
         self._allowed: set[tuple[str, int | None]] = set()
-        for url in settings.upstreams.values():
+        for url in (*settings.upstreams.values(), *settings.parents):  # parents are configuration too
             parsed = URL(url)
             self._allowed.add((parsed.host or "", parsed.port))
         for entry in settings.allow_redirect_hosts:
@@ -154,7 +156,8 @@ class Upstream:
     async def open(self, url: str, method: str = "GET", json: dict | None = None) -> aiohttp.ClientResponse:
         """Follow the redirect chain to a 200, retrying transient trouble; caller closes it. With
         `json`, the first hop is a POST of it (kagglehub's DownloadModelInstanceVersion)."""
-        return await self._retrying(url, lambda: self._follow(url, "POST" if json is not None else method, json))
+        return await self._via_parents(url, lambda url: self._retrying(
+            url, lambda: self._follow(url, "POST" if json is not None else method, json)))
 
     async def get_resumed(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """A GET of url (a resume: its Range and If-Match in headers), retrying transient trouble as
@@ -172,7 +175,28 @@ class Upstream:
         return the answer as it is, any status, no redirect followed; raises FetchFailed when
         upstream cannot be reached or keeps failing."""
         headers = {} if authorization is None else {"Authorization": authorization}
-        return await self._retrying(url, lambda: self._call_once(url, json, headers))
+        return await self._via_parents(url, lambda url: self._retrying(
+            url, lambda: self._call_once(url, json, headers)))
+
+    def is_parent(self, url: URL) -> bool:
+        """Whether url is on one of the configured parent hubproxies."""
+        return any(url.origin() == URL(parent).origin() for parent in self._settings.parents)
+
+    async def _via_parents(self, url: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """attempt(url); when url is the first parent's and that parent is down (unreachable, 5xx,
+        no answer in time), attempt the same path at each next parent in turn. A 404 is an answer."""
+        parents = [p.rstrip("/") for p in self._settings.parents]
+        if not parents or not url.startswith(parents[0] + "/"):
+            return await attempt(url)
+        tail = url[len(parents[0]):]
+        for number, parent in enumerate(parents, 1):
+            try:
+                return await attempt(parent + tail)
+            except FetchFailed as e:
+                if e.status not in (502, 503, 504) or number == len(parents):
+                    raise
+                log.warning("parent %s is down, trying the next: %s", parent, e.message)
+        raise AssertionError("unreachable")
 
     async def get_as_is(self, url: str, headers: dict) -> aiohttp.ClientResponse:
         """One GET of url as it is (its query kept), answered with any status, no redirect

@@ -46,7 +46,7 @@ def rpc_error(status: int, message: str, headers: dict | None = None) -> web.Res
 
 
 def rpc_url(request: web.Request, rpc: str) -> str:
-    return request.app[SETTINGS].upstreams[KAGGLE_API].rstrip("/") + SERVICE_PATH + rpc
+    return request.app[SETTINGS].upstream_base(KAGGLE_API).rstrip("/") + SERVICE_PATH + rpc
 
 
 def own_base_url(request: web.Request) -> str:

@@ -58,6 +58,8 @@ async def serve_flight(request: web.Request, key: str, url: str, *, post_json: d
         chunked = not resumable or flight.evidence.content_length is None
         if chunked:
             response.enable_chunked_encoding()
+            if flight.evidence.x_goog_hash is not None:  # a child hubproxy verifies against it
+                response.headers["x-goog-hash"] = flight.evidence.x_goog_hash
         else:
             _announce_length(response, flight.evidence)
         try:
@@ -145,4 +147,4 @@ async def head_upstream(request: web.Request, handle: Handle) -> web.Response:
 
 def upstream_url(request: web.Request, handle: Handle) -> str:
     """Where a handle's archive is fetched from (its upstream's configured base URL)."""
-    return handle.upstream_url(request.app[SETTINGS].upstreams[handle.upstream])
+    return handle.upstream_url(request.app[SETTINGS].upstream_base(handle.upstream))
