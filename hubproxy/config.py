@@ -54,6 +54,7 @@ class Settings:
     mode: str = "online"  # online | offline (never upstream) | fallback (stored metadata when upstream fails)
     admin_token: str | None = field(default=None, repr=False)  # enables /admin/; never logged
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
+    read_only: bool = False  # the cache is on a read-only mount: serve hits, pass misses through, write nothing
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
     tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import diskcache
 
 from .diskhealth import disk_trouble
+from .readonly import ReadOnlyCache, ReadOnlyIndex
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MEMO_SECONDS = 2.0
@@ -48,14 +49,21 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
+        """read_only: open the index with ReadOnlyIndex and never write (a cache on a read-only
+        mount): hits are not counted into the index, clear_temp does nothing, writes raise EROFS."""
         self.root = Path(root).expanduser().resolve()
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
+        self.read_only = read_only
         self._blobs_prefix = f"{self.blobs}/"
-        for directory in (self.blobs, self.tmp):
-            directory.mkdir(parents=True, exist_ok=True)
-        self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
+        self._index: diskcache.Cache | ReadOnlyIndex
+        if read_only:
+            self._index = ReadOnlyIndex(self.root / "index")
+        else:
+            for directory in (self.blobs, self.tmp):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
         self._memo: dict[str, tuple[Entry, float]] = {}  # key → (entry, valid until, monotonic)
         self._pending_hits: dict[str, tuple[int, float]] = {}  # key → (hits, last access)
 
@@ -67,6 +75,8 @@ class Store:
         """Remove the leftovers of fetches interrupted by a crash or restart, never a temp file a
         live process holds (its lock says so: another hubproxy on this cache); returns how many."""
         removed = 0
+        if self.read_only:
+            return removed
         for leftover in self.tmp.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
@@ -121,7 +131,9 @@ class Store:
         self._memo[entry.key] = (entry, now + MEMO_SECONDS)
 
     def record_hit(self, key: str) -> None:
-        """Count a hit in memory; take_hits + write_hits put the counts in the index."""
+        """Count a hit in memory; take_hits + write_hits put the counts in the index (never read-only)."""
+        if self.read_only:
+            return
         hits, _ = self._pending_hits.get(key, (0, 0.0))
         self._pending_hits[key] = (hits + 1, time.time())
 
@@ -140,7 +152,9 @@ class Store:
 
     def stored_blobs(self) -> set[str]:
         """sha256 of every blob file present."""
-        found = set()
+        found: set[str] = set()
+        if not self.blobs.is_dir():
+            return found
         for shard in os.scandir(self.blobs):
             if shard.is_dir():
                 found.update(name for name in os.listdir(shard.path) if SHA256_HEX.fullmatch(name))
@@ -230,7 +244,10 @@ class Store:
 
     def new_temp_file(self) -> tuple[int, Path]:
         """An open, writable temp file inside the cache root: (fd, path). The descriptor holds an
-        exclusive lock on it for as long as it is open, so no other process's clear_temp takes it."""
+        exclusive lock on it for as long as it is open, so no other process's clear_temp takes it.
+        Read-only: raises EROFS without touching the disk (a fetch then passes through)."""
+        if self.read_only:
+            raise ReadOnlyCache(f"{self.root} is opened read-only: nothing is stored")
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="fetch-", suffix=".part")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: nobody else can hold it
         return fd, Path(name)

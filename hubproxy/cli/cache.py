@@ -24,7 +24,7 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import config_option, json_option, opened_cache, parsed, setting_option, settings_or_exit
+from .common import config_option, json_option, on_read_only_mount, opened_cache, parsed, setting_option, settings_or_exit
 from .failures import exit_if_found, fail
 
 
@@ -35,9 +35,10 @@ def _cache_options(command):
 
 
 @contextlib.contextmanager
-def _cache(cache_dir, config_file) -> Iterator[tuple[Store, Settings]]:
+def _cache(cache_dir, config_file, *, read_only: bool = False) -> Iterator[tuple[Store, Settings]]:
+    """read_only: the command only reads, so it works on a cache on a read-only mount."""
     settings = settings_or_exit(config_file, {"cache_dir": cache_dir})
-    with opened_cache(settings.cache_path) as store:
+    with opened_cache(settings.cache_path, read_only=read_only) as store:
         yield store, settings
 
 
@@ -73,7 +74,7 @@ def cache_ls(cache_dir, config_file, as_json) -> None:
     Example:
       hubproxy cache ls --cache-dir /var/cache/hubproxy --json
     """
-    with _cache(cache_dir, config_file) as (store, settings):
+    with _cache(cache_dir, config_file, read_only=True) as (store, settings):
         entries = sorted(store.entries(), key=lambda e: e.key)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
@@ -95,7 +96,7 @@ def cache_stats(cache_dir, config_file, as_json) -> None:
     Example:
       hubproxy cache stats --cache-dir /var/cache/hubproxy
     """
-    with _cache(cache_dir, config_file) as (store, settings):
+    with _cache(cache_dir, config_file, read_only=True) as (store, settings):
         entries = store.entries()
         free = shutil.disk_usage(settings.cache_path).free
     hits = sum(e.hits for e in entries)
@@ -216,11 +217,15 @@ def cache_verify(cache_dir, config_file, repair) -> None:
     Example:
       hubproxy cache verify --repair --config /etc/hubproxy.toml
     """
-    with _cache(cache_dir, config_file) as (store, settings):
+    settings = settings_or_exit(config_file, {"cache_dir": cache_dir})
+    read_only = not repair and on_read_only_mount(settings.cache_path)  # then report, never quarantine
+    with _cache(cache_dir, config_file, read_only=read_only) as (store, settings):
         findings = scrub.scrub(store)
-        scrub.quarantine_all(store, findings)
+        if not read_only:
+            scrub.quarantine_all(store, findings)
         for finding in findings:
-            click.echo(f"BAD {', '.join(finding.keys)}: {finding.problem} (quarantined)", err=True)
+            done = "not quarantined: read-only cache" if read_only else "quarantined"
+            click.echo(f"BAD {', '.join(finding.keys)}: {finding.problem} ({done})", err=True)
         if repair and findings:
             for key, problem in refetch(store, settings, [k for f in findings for k in f.keys]):
                 click.echo(f"{'repaired' if problem is None else 'NOT repaired'} {key}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -21,17 +22,31 @@ CACHE_DIR = "cache dir"
 
 
 @contextlib.contextmanager
-def opened_cache(cache_dir: Path, *, must_exist: bool = True) -> Iterator[Store]:
+def opened_cache(cache_dir: Path, *, must_exist: bool = True, read_only: bool = False) -> Iterator[Store]:
     """The hubproxy cache at cache_dir, closed afterwards; any trouble opening or using it is one
-    line naming the directory. must_exist: refuse a directory that holds no cache yet."""
+    line naming the directory. must_exist: refuse a directory that holds no cache yet. read_only:
+    open it without writing a byte (commands that only read; serve --read-only)."""
     with directory_errors(cache_dir, CACHE_DIR):
         if must_exist and not (cache_dir / "index").is_dir():
             fail(path_problem(cache_dir, CACHE_DIR) or f"{cache_dir} is not a hubproxy cache dir (no index)")
-        store = Store(cache_dir)
+        if not read_only and on_read_only_mount(cache_dir):
+            fail(f"cache dir {cache_dir} is on a read-only filesystem: this needs to write to it"
+                 " (hubproxy serve --read-only serves such a cache without writing)")
+        store = Store(cache_dir, read_only=read_only)
         try:
             yield store
         finally:
             store.close()
+
+
+def on_read_only_mount(cache_dir: Path) -> bool:
+    """Whether the nearest existing directory at or above cache_dir is on a read-only mount."""
+    for directory in (cache_dir, *cache_dir.parents):
+        try:
+            return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def settings_or_exit(config_file, flags) -> Settings:

@@ -52,6 +52,9 @@ from .failures import fail, reason
 @setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
                 "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
                 "at start.", "0", type=int)
+@setting_option("--read-only", "read_only", "Serve a cache on a read-only mount: hits are served, misses pass "
+                "through unstored (a 504 in offline mode), nothing on the cache is written.", is_flag=True,
+                default=None)
 @setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
                 "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
 @setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")
@@ -66,7 +69,7 @@ def serve(config_file, **flags) -> None:
       hubproxy serve --intercept --ca-dir /etc/hubproxy/ca    # clients: eval "$(hubproxy ca env ...)"
     """
     settings = settings_or_exit(config_file, flags)
-    with opened_cache(settings.cache_path, must_exist=False):
+    with opened_cache(settings.cache_path, must_exist=settings.read_only, read_only=settings.read_only):
         pass  # a cache dir that cannot be opened is named here, before anything listens
     configure_logging(settings.log_level)
     quiet_malformed_requests()

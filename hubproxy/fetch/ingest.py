@@ -191,8 +191,10 @@ class Ingest:
         pending.popleft()
 
     def _pass_through(self, reason: str, at: int, batches) -> None:
-        """The disk refused bytes from `at` on: keep them (and later ones) in memory instead."""
-        self._health.failed(reason, f"fetching {self._flight.key}")
+        """The disk refused bytes from `at` on: keep them (and later ones) in memory instead. A cache
+        opened read-only refuses by design, which is no disk failure to report."""
+        if not self._store.read_only:
+            self._health.failed(reason, f"fetching {self._flight.key}")
         window = self._flight.hold_in_memory(at, PASS_THROUGH_LIMIT)
         for batch in batches:
             if batch.write is not None:

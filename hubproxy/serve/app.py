@@ -69,7 +69,7 @@ def _name_the_product_only() -> None:
 
 async def _components(app: web.Application):
     settings = app[SETTINGS]
-    store = Store(settings.cache_path)
+    store = Store(settings.cache_path, read_only=settings.read_only)
     removed = store.clear_temp()
     if removed:
         log.info("removed %d temp files left by interrupted fetches", removed)
@@ -86,8 +86,9 @@ async def _components(app: web.Application):
         keeper = Housekeeper(store, app[METRICS], health, busy_keys=flights.keys, busy_blobs=lambda: set(+serving),
                              max_size=_size_or_none(settings.max_size), min_free=_size_or_none(settings.min_free))
         flights.on_commit = health.on_failure = keeper.poke  # the caps may need enforcing now
-        upkeep = asyncio.create_task(keeper.run())
-        stack.callback(upkeep.cancel)
+        if not settings.read_only:  # read-only: no hit counts to write, nothing to reconcile or evict
+            upkeep = asyncio.create_task(keeper.run())
+            stack.callback(upkeep.cancel)
         yield
 
 

@@ -1,0 +1,92 @@
+"""A cache seeded, then mounted read-only (an air-gapped volume of pre-seeded models): `serve
+--read-only` serves its hits, passes misses through unstored (504 offline) and writes nothing;
+read-only `cache` commands give their normal output; writing ones, and a plain serve, are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, _quiet_env, run_cli
+from tests.test_cache_disk_full import small_disk  # noqa: F401  (the tmpfs fixture, mounted per test)
+
+
+def _tree(directory) -> dict[str, tuple[int, float]]:
+    """Every path below directory → (size, mtime): any write through the mount shows as a change."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture
+def seeded(proxy_factory, clean_origin, small_disk, archives):  # noqa: F811
+    """A cache holding archives.small, fetched by a real proxy that then stopped; the mount read-only."""
+    seeder = proxy_factory(small_disk.cache_dir)
+    cached = clean_origin.register(archives.small)
+    assert seeder.get(f"/{cached.handle}")[1]["X-Cache"] == "MISS"
+    seeder.stop()
+    before = _tree(small_disk.cache_dir)
+    small_disk.make_cache_read_only()
+    yield cached, before
+    small_disk.make_cache_writable()
+
+
+def _no_traceback(proxy) -> None:
+    log = proxy.log.read_text()
+    assert "Traceback" not in log and "Error" not in log, log
+
+
+def test_serve_read_only_serves_hits_and_passes_misses_through_unstored(seeded, proxy_factory, clean_origin,
+                                                                        small_disk, archives):  # noqa: F811
+    cached, before = seeded
+    proxy = proxy_factory(small_disk.cache_dir, "--read-only")
+    fresh = clean_origin.register(archives.padded)
+
+    hit = proxy.get(f"/{cached.handle}")
+    miss = proxy.get(f"/{fresh.handle}")
+    proxy.stop()
+
+    assert (hit[0], hit[1]["X-Cache"], hit[2]) == (200, "HIT", archives.small.read_bytes())
+    assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
+    _no_traceback(proxy)
+    assert _tree(small_disk.cache_dir) == before, "nothing written: no temp file, no hit count, no housekeeping"
+
+
+def test_serve_read_only_offline_answers_a_miss_504(seeded, proxy_factory, clean_origin, small_disk,  # noqa: F811
+                                                    archives):
+    cached, before = seeded
+    proxy = proxy_factory(small_disk.cache_dir, "--read-only", "--mode", "offline")
+    fresh = clean_origin.register(archives.padded)
+
+    assert proxy.get(f"/{cached.handle}")[0] == 200
+    assert proxy.get(f"/{fresh.handle}")[0] == 504
+    proxy.stop()
+    _no_traceback(proxy)
+    assert _tree(small_disk.cache_dir) == before
+
+
+def test_read_only_cache_commands_work_and_write_commands_are_one_line(seeded, small_disk):  # noqa: F811
+    cached, before = seeded
+    listed = run_cli("cache", "ls", "--json", "--cache-dir", small_disk.cache_dir)
+    assert listed.returncode == 0, listed.stderr
+    assert [e["key"] for e in json.loads(listed.stdout)] == [f"tfhub:/{cached.handle}"]
+    stats = run_cli("cache", "stats", "--json", "--cache-dir", small_disk.cache_dir)
+    assert stats.returncode == 0 and json.loads(stats.stdout)["entries"] == 1, stats.stderr
+    verified = run_cli("cache", "verify", "--cache-dir", small_disk.cache_dir)
+    assert (verified.returncode, verified.stdout.strip()) == (0, "checked; 0 bad blobs"), verified.stderr
+    for command in (["purge", f"tfhub:/{cached.handle}"], ["pin", f"tfhub:/{cached.handle}"]):
+        result = run_cli("cache", *command, "--cache-dir", small_disk.cache_dir)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert str(small_disk.cache_dir) in lines[0] and "read-only" in lines[0]
+    assert _tree(small_disk.cache_dir) == before
+
+
+def test_plain_serve_on_a_read_only_mount_says_so_in_one_line_suggesting_read_only(seeded, small_disk):  # noqa: F811
+    result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0",
+                             "--cache-dir", str(small_disk.cache_dir)], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT, env=_quiet_env())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert str(small_disk.cache_dir) in lines[0] and "--read-only" in lines[0]
