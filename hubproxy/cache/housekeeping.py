@@ -1,4 +1,5 @@
-"""Background upkeep of a serving cache: hit counts written in batches, and eviction to the caps.
+"""Background upkeep of a serving cache: hit counts written in batches, eviction to the caps, and
+the cache's size, its caps and its disk's free space reported as metrics.
 
 Invariants: eviction starts when usage passes max_size (the high mark) or free disk falls below
 min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); the caps are
@@ -40,6 +41,8 @@ class Housekeeper:
         self._max_size = max_size
         self._min_free = min_free
         self._wake = asyncio.Event()
+        metrics.cache_max_bytes.set(max_size or 0)
+        metrics.cache_min_free_bytes.set(min_free or 0)
 
     def poke(self) -> None:
         """Something was committed: check the caps now rather than at the next period."""
@@ -86,6 +89,9 @@ class Housekeeper:
     def _report(self, entries: list) -> None:
         self._metrics.cache_entries.set(len(entries))
         self._metrics.cache_bytes.set(plans.usage(entries))
+        disk = shutil.disk_usage(self._store.root)
+        self._metrics.cache_disk_free_bytes.set(disk.free)
+        self._metrics.cache_disk_size_bytes.set(disk.total)
 
     async def _evict_if_needed(self, entries: list) -> None:
         target = self._target(plans.usage(entries))
