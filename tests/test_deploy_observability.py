@@ -141,8 +141,8 @@ def _unknown_labels(expr: str, legend: str, labels: dict[str, set[str]], values:
             exported = values.get(f"{metric}:{label}", set())
             if label not in labels.get(metric, set()):
                 wrong.append(f"label {label!r} of {metric}")
-            elif op == "=" and value not in exported or op == "=~" and not any(
-                    re.fullmatch(value, v) for v in exported):
+            elif (op == "=" and value not in exported) or (
+                    op == "=~" and not any(re.fullmatch(value, v) for v in exported)):
                 wrong.append(f"{metric}{{{label}{op}{value!r}}}: exported values are {sorted(exported)}")
     return wrong
 

@@ -41,8 +41,6 @@ class Housekeeper:
         self._max_size = max_size
         self._min_free = min_free
         self._wake = asyncio.Event()
-        metrics.cache_max_bytes.set(max_size or 0)
-        metrics.cache_min_free_bytes.set(min_free or 0)
 
     def poke(self) -> None:
         """Something was committed: check the caps now rather than at the next period."""
@@ -50,6 +48,8 @@ class Housekeeper:
 
     async def run(self) -> None:
         started = asyncio.get_running_loop().time()
+        self._metrics.cache_max_bytes.set(self._max_size or 0)  # 0 where nothing enforces them (read-only)
+        self._metrics.cache_min_free_bytes.set(self._min_free or 0)
         dropped, strays = await asyncio.to_thread(self._store.reconcile)
         await self._pass(measure=True)  # a cache restarted with a smaller cap shrinks now
         log.info("index and blobs reconciled, caps enforced in %.2fs: %d entries without a blob dropped, "
