@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+FETCH_FAILURE_STATUSES = ("404", "500", "502", "503", "504")
+
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
@@ -23,6 +25,8 @@ class Metrics:
                                     registry=self.registry)
         self.upstream_failures = Counter("hubproxy_upstream_failures", "Fetches that failed, by the status sent.",
                                          ["status"], registry=self.registry)
+        for status in FETCH_FAILURE_STATUSES:  # exported at 0, so a rate sees the very first failure
+            self.upstream_failures.labels(status)
         self.upstream_resumes = Counter("hubproxy_upstream_resumes", "Upstream transfers resumed where they broke, "
                                         "by why (cut, stall).", ["reason"], registry=self.registry)
         self.upstream_bytes = Counter("hubproxy_upstream_bytes", "Archive bytes fetched and committed.",
@@ -34,6 +38,14 @@ class Metrics:
                                           registry=self.registry)
         self.cache_entries = Gauge("hubproxy_cache_entries", "Index entries (handles) cached.", registry=self.registry)
         self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry)
+        self.cache_max_bytes = Gauge("hubproxy_cache_max_bytes", "The max_size cap eviction keeps the cache under "
+                                     "(0: no cap).", registry=self.registry)
+        self.cache_min_free_bytes = Gauge("hubproxy_cache_min_free_bytes", "The min_free floor eviction keeps free "
+                                          "on the cache's disk (0: no floor).", registry=self.registry)
+        self.cache_disk_free_bytes = Gauge("hubproxy_cache_disk_free_bytes", "Bytes free on the cache's filesystem "
+                                           "(for an unprivileged user).", registry=self.registry)
+        self.cache_disk_size_bytes = Gauge("hubproxy_cache_disk_size_bytes", "Size of the cache's filesystem.",
+                                           registry=self.registry)
         self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
                                  registry=self.registry)
         self.cache_write_errors = Counter("hubproxy_cache_write_errors",

@@ -92,6 +92,13 @@ class Proxy:
             assert time.monotonic() < deadline, f"{name} never reached {value}"
             time.sleep(0.05)
 
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        """Wait for a line the proxy logs when it gets somewhere (e.g. its start-up pass is done)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text():
+            assert time.monotonic() < deadline, f"the proxy never logged {text!r}"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         stop_process(self.process)
 

@@ -59,13 +59,6 @@ def test_an_archive_evicted_mid_download_still_arrives_whole(proxy, origin, tmp_
     assert head + response.read() == archive.read_bytes()
 
 
-def _wait_for_log_line(proxy, text: str) -> None:
-    deadline = time.monotonic() + 60
-    while text not in proxy.log.read_text():  # a line the proxy writes when it gets there
-        assert time.monotonic() < deadline, f"the proxy never logged {text!r}"
-        time.sleep(0.05)
-
-
 def test_a_cache_over_a_smaller_cap_after_restart_is_evicted_at_start_up(proxy_factory, clean_origin, tmp_path):
     cache_dir = tmp_path / "cache"
     first = proxy_factory(cache_dir)
@@ -74,7 +67,7 @@ def test_a_cache_over_a_smaller_cap_after_restart_is_evicted_at_start_up(proxy_f
     first.stop()
 
     restarted = proxy_factory(cache_dir, "--max-size", "150K")
-    _wait_for_log_line(restarted, "index and blobs reconciled")  # the start-up pass of housekeeping is done
+    restarted.wait_for_log("index and blobs reconciled")  # the start-up pass of housekeeping is done
 
     entries = json.loads(run_cli("cache", "ls", "--json", "--cache-dir", cache_dir).stdout)
     assert sum(entry["size"] for entry in entries) <= 150_000, "still over the cap after start-up"

@@ -1,4 +1,5 @@
-"""Background upkeep of a serving cache: hit counts written in batches, and eviction to the caps.
+"""Background upkeep of a serving cache: hit counts written in batches, eviction to the caps, and
+the cache's size, its caps and its disk's free space reported as metrics.
 
 Invariants: eviction starts when usage passes max_size (the high mark) or free disk falls below
 min_free, and goes down to LOW_WATERMARK × max_size (plus min_free's shortfall); the caps are
@@ -47,6 +48,8 @@ class Housekeeper:
 
     async def run(self) -> None:
         started = asyncio.get_running_loop().time()
+        self._metrics.cache_max_bytes.set(self._max_size or 0)  # 0 where nothing enforces them (read-only)
+        self._metrics.cache_min_free_bytes.set(self._min_free or 0)
         dropped, strays = await asyncio.to_thread(self._store.reconcile)
         await self._pass(measure=True)  # a cache restarted with a smaller cap shrinks now
         log.info("index and blobs reconciled, caps enforced in %.2fs: %d entries without a blob dropped, "
@@ -86,6 +89,9 @@ class Housekeeper:
     def _report(self, entries: list) -> None:
         self._metrics.cache_entries.set(len(entries))
         self._metrics.cache_bytes.set(plans.usage(entries))
+        disk = shutil.disk_usage(self._store.root)
+        self._metrics.cache_disk_free_bytes.set(disk.free)
+        self._metrics.cache_disk_size_bytes.set(disk.total)
 
     async def _evict_if_needed(self, entries: list) -> None:
         target = self._target(plans.usage(entries))
