@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from yarl import URL
+
 from .handles import DEFAULT_UPSTREAMS
 from .units import parse_duration, parse_size
 
@@ -62,6 +64,8 @@ class Settings:
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
+    # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
+    egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
 
     @property
     def listen_host(self) -> str:
@@ -209,6 +213,8 @@ def _validate(settings: Settings) -> None:
     for url in settings.parents:
         if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
             raise ConfigError(f"parent must be an http(s) base URL, got {url[:80]!r}")
+    if settings.egress_proxy is not None:
+        _validate_egress_proxy(settings.egress_proxy)
     try:
         port = settings.listen_port
     except ValueError:
@@ -241,3 +247,18 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("tunnel takes effect only with intercept, the forward proxy it is a door of")
     if settings.retries < 0 or settings.backoff_seconds < 0 or settings.upstream_resumes < 0:
         raise ConfigError("retries, backoff_seconds and upstream_resumes must not be negative")
+
+
+def _validate_egress_proxy(text: str) -> None:
+    """http://[user:password@]host:port, or a one-line ConfigError that never repeats the credentials."""
+    shape = "egress_proxy must be http://[user:password@]host:port"
+    try:
+        url = URL(text)
+        host, port = url.host, url.port
+    except (ValueError, TypeError):
+        raise ConfigError(f"{shape}; it does not parse as a URL") from None
+    if url.scheme != "http":
+        raise ConfigError(f"{shape}: only plain-http proxies are supported (https targets go through them "
+                          "with CONNECT), not https or socks ones")
+    if not host or url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment:
+        raise ConfigError(f"{shape}, nothing after the port (got http://{host or ''}:{port}{url.raw_path[:40]})")
