@@ -7,6 +7,7 @@ overrides the keys it names; unknown keys and malformed values are refused with 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class Settings:
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
     # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
     egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* headers are believed
 
     @property
     def listen_host(self) -> str:
@@ -111,6 +113,10 @@ class Settings:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(cidr) for cidr in self.trusted_proxies)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -167,7 +173,7 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     try:
         if key == "upstreams":
             return _parse_upstreams(raw)
-        if key in ("allow_redirect_hosts", "tunnel", "parents"):
+        if key in ("allow_redirect_hosts", "tunnel", "parents", "trusted_proxies"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             return tuple(item.strip() for item in items if item.strip())
         if kind == "bool":
@@ -215,6 +221,11 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"parent must be an http(s) base URL, got {url[:80]!r}")
     if settings.egress_proxy is not None:
         _validate_egress_proxy(settings.egress_proxy)
+    for cidr in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as e:
+            raise ConfigError(f"trusted_proxies: {cidr[:60]!r} is not an IP network in CIDR notation ({e})") from None
     try:
         port = settings.listen_port
     except ValueError:
