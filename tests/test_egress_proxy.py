@@ -20,13 +20,13 @@ import requests
 from tests import test_interception, test_origin_kaggle_api
 from tests.conftest import ROOT, hub_load, loaded_output
 from tests.origin_control import stop_process
+from tests.test_behind_load_balancer import self_signed, start_tls_nginx
 from tests.test_kagglehub_through_mirror import _upstreams, run_kagglehub
 from tests.test_origin_kaggle_api import BIG, download_location, downloaded, md5s
 
 ca, members, archive = test_interception.ca, test_origin_kaggle_api.members, test_origin_kaggle_api.archive
 
 TINYPROXY = shutil.which("tinyproxy")
-pytestmark = pytest.mark.skipif(TINYPROXY is None, reason="tinyproxy not installed (apt-get install tinyproxy)")
 
 VIA_NAME = "egress-test-proxy"  # what tinyproxy writes into the Via header of every request it forwards
 USER, PASSWORD = "hubproxy", "egress-Pa55-never-logged"
@@ -79,6 +79,8 @@ def start_tinyproxy(directory: Path, port: int) -> ForwardProxy:
 
 @pytest.fixture
 def egress(tmp_path):
+    if TINYPROXY is None:
+        pytest.skip("tinyproxy not installed (apt-get install tinyproxy)")
     with _unused_port() as reserved:
         port = reserved.getsockname()[1]
     proxy = start_tinyproxy(tmp_path / "egress", port)
@@ -146,6 +148,29 @@ def test_kagglehub_rpcs_and_relayed_storage_urls_go_through_the_egress_proxy(pro
     assert (relayed.status_code, relayed.headers["X-Cache"], relayed.content) == (200, "PASS", members[BIG])
     relay_hops = origin.requests()[asked_before_the_relay:]
     assert [r["site"] for r in relay_hops] == ["gcs"] and _all_via_the_proxy(relay_hops), relay_hops
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (apt-get install nginx)")
+def test_an_https_upstream_is_reached_through_the_egress_proxys_connect(proxy_factory, clean_origin, archives, egress,
+                                                                       tmp_path, monkeypatch):
+    """As in the field, where every upstream is https: the proxy tunnels, TLS is end to end (nginx
+    terminating it in front of the origin's storage, with a certificate hubproxy is told to trust)."""
+    origin = clean_origin
+    model = origin.register(archives.small, public_bucket=True)
+    cert, key = self_signed(tmp_path)
+    nginx, port = start_tls_nginx(tmp_path / "nginx", origin.urls["gcs"].removeprefix("http://"), cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # hubproxy's process inherits it
+    try:
+        mirror = proxy_factory(tmp_path / "cache", "--egress-proxy", egress.url(),
+                               upstreams={"tfhub": origin.urls["tfhub"], "gcs": f"https://127.0.0.1:{port}"})
+        status, _, body = mirror.get(f"/{model.object}")
+    finally:
+        stop_process(nginx)
+
+    assert (status, body) == (200, archives.small.read_bytes())
+    assert egress.requests() == [("CONNECT", f"127.0.0.1:{port}")]
+    assert [r["path"] for r in origin.requests("gcs")] == ["/" + model.object]
+    _assert_password_never_written(PASSWORD, mirror)
 
 
 def test_a_redirect_off_the_allowlist_is_refused_before_the_egress_proxy_is_asked(proxy_factory, clean_origin,
