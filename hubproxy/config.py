@@ -7,11 +7,14 @@ overrides the keys it names; unknown keys and malformed values are refused with 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from yarl import URL
 
 from .handles import DEFAULT_UPSTREAMS
 from .units import parse_duration, parse_size
@@ -62,6 +65,9 @@ class Settings:
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
+    # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
+    egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* headers are believed
 
     @property
     def listen_host(self) -> str:
@@ -107,6 +113,10 @@ class Settings:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(cidr) for cidr in self.trusted_proxies)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -163,7 +173,7 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     try:
         if key == "upstreams":
             return _parse_upstreams(raw)
-        if key in ("allow_redirect_hosts", "tunnel", "parents"):
+        if key in ("allow_redirect_hosts", "tunnel", "parents", "trusted_proxies"):
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             return tuple(item.strip() for item in items if item.strip())
         if kind == "bool":
@@ -209,6 +219,13 @@ def _validate(settings: Settings) -> None:
     for url in settings.parents:
         if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
             raise ConfigError(f"parent must be an http(s) base URL, got {url[:80]!r}")
+    if settings.egress_proxy is not None:
+        _validate_egress_proxy(settings.egress_proxy)
+    for cidr in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as e:
+            raise ConfigError(f"trusted_proxies: {cidr[:60]!r} is not an IP network in CIDR notation ({e})") from None
     try:
         port = settings.listen_port
     except ValueError:
@@ -241,3 +258,18 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("tunnel takes effect only with intercept, the forward proxy it is a door of")
     if settings.retries < 0 or settings.backoff_seconds < 0 or settings.upstream_resumes < 0:
         raise ConfigError("retries, backoff_seconds and upstream_resumes must not be negative")
+
+
+def _validate_egress_proxy(text: str) -> None:
+    """http://[user:password@]host:port, or a one-line ConfigError that never repeats the credentials."""
+    shape = "egress_proxy must be http://[user:password@]host:port"
+    try:
+        url = URL(text)
+        host, port = url.host, url.port
+    except (ValueError, TypeError):
+        raise ConfigError(f"{shape}; it does not parse as a URL") from None
+    if url.scheme != "http":
+        raise ConfigError(f"{shape}: only plain-http proxies are supported (https targets go through them "
+                          "with CONNECT), not https or socks ones")
+    if not host or url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment:
+        raise ConfigError(f"{shape}, nothing after the port (got http://{host or ''}:{port}{url.raw_path[:40]})")

@@ -4,8 +4,8 @@ the Kaggle models API kagglehub calls (kaggle-api -> signed GCS URL of the archi
 Invariants: one process, five 127.0.0.1 sites (tfhub, kaggle, kaggle-api, gcs, canary) sharing one
 state (tests/origin_state.py); object bytes are streamed from disk in chunks, with headers (length,
 hashes) always of the good file (of the encoded bytes under content_encoding); every non-control
-request is logged at arrival, with its Range, its Accept-Encoding and whether it carried
-Authorization (never its value); nothing misbehaves unless a /_control/ switch says so. A model's
+request is logged at arrival, with its Range, its Accept-Encoding, its Via (which proxies it passed)
+and whether it carried Authorization (never its value); nothing misbehaves unless a /_control/ switch says so. A model's
 member files (tests/origin_files.py) are objects like its archive: signed, expiring, ranged, and
 subject to the same fault switches, keyed by object name.
 """
@@ -374,7 +374,7 @@ def add_request_log(app: web.Application, state: State, site: str) -> None:
         entry = {"site": site, "method": request.method, "path": request.path, "status": None,
                  "range": request.headers.get("Range"), "if_match": request.headers.get("If-Match"),
                  "authorization": "Authorization" in request.headers,
-                 "accept_encoding": request.headers.get("Accept-Encoding")}
+                 "accept_encoding": request.headers.get("Accept-Encoding"), "via": request.headers.get("Via")}
         state.log.append(entry)
         request["log_entry"] = entry
         try:

@@ -96,7 +96,7 @@ def json_option(command):
 
 
 def upstream_options(command):
-    """--config, --upstream and --allow-redirect-host, for commands that may fetch from upstream."""
+    """--config, --upstream, --allow-redirect-host and --egress-proxy, for commands that may fetch from upstream."""
     for option in reversed([
         config_option(),
         setting_option("--upstream", "upstreams",
@@ -105,6 +105,10 @@ def upstream_options(command):
         setting_option("--allow-redirect-host", "allow_redirect_hosts",
                        "A host upstream redirects may lead to. Repeatable; replaces the default list.",
                        multiple=True, metavar="HOST[:PORT]"),
+        setting_option("--egress-proxy", "egress_proxy",
+                       "The forward proxy every upstream hop goes through (not the parents), where the network "
+                       "must leave through one; the allowlist still applies. Credentials in the URL are never "
+                       "logged.", metavar="http://[USER:PASSWORD@]HOST:PORT"),
     ]):
         command = option(command)
     return command

@@ -52,6 +52,9 @@ from .failures import fail, reason
 @setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
                 "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
                 "at start.", "0", type=int)
+@setting_option("--trusted-proxy", "trusted_proxies", "A load balancer's address or network (CIDR) whose "
+                "X-Forwarded-For/-Proto/-Host are believed: they give the access log's client and the URLs the "
+                "mirror shows. Repeatable; from any other peer they are ignored.", multiple=True, metavar="CIDR")
 @setting_option("--read-only", "read_only", "Serve a cache on a read-only mount: hits are served, misses pass "
                 "through unstored (a 504 in offline mode), nothing on the cache is written.", is_flag=True,
                 default=None)

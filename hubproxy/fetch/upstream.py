@@ -10,7 +10,8 @@ waiting for an answer's headers has one deadline, redirects, retries and their w
 504 after it); a POST first hop is followed by GETs (its 301/302/303 redirects, as browsers do),
 so its JSON body is sent to the first host only, and Authorization only ever by `call`; with
 parents (configured, so allowed hosts), a request for the first one's URL goes to the next one when a
-parent is down, and never to the upstreams.
+parent is down, and never to the upstreams; with an egress proxy every hop but a parent's is dialled
+through it, after the same checks (fetch/egress).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from yarl import URL
 
 from ..config import Settings
 from ..handles import strip_query
+from .egress import PROXY_AUTHENTICATION_REQUIRED, EgressProxy
 from .errors import FetchFailed
 from .media_type import safe_media_type
 
@@ -132,6 +134,7 @@ class Upstream:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._policy = HostPolicy(settings)
+        self._egress = EgressProxy.from_settings(settings)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Upstream":
@@ -283,12 +286,23 @@ class Upstream:
 
     async def _request(self, method: str, url: URL, json: dict | None = None,
                        headers: dict | None = None) -> aiohttp.ClientResponse:
+        """One request to url (already checked), through the egress proxy unless url is a parent's."""
+        proxy = None if self._egress is None or self.is_parent(url) else self._egress
+        where, via = strip_query(str(url)), "" if proxy is None else proxy.via()
         try:
-            return await self._session.request(method, url, allow_redirects=False, json=json, headers=headers)
+            response = await self._session.request(method, url, allow_redirects=False, json=json, headers=headers,
+                                                   proxy=None if proxy is None else proxy.url)
         except asyncio.TimeoutError:
-            raise _Transient(504, f"upstream {strip_query(str(url))} timed out") from None
+            raise _Transient(504, f"upstream {where} timed out{via}") from None
         except aiohttp.ClientError as e:
-            raise _Transient(502, f"cannot reach upstream {strip_query(str(url))}: {type(e).__name__}") from None
+            failure = None if proxy is None else proxy.failure(e, where)
+            if failure is not None:
+                raise _proxy_error(*failure) from None
+            raise _Transient(502, f"cannot reach upstream {where}: {type(e).__name__}{via}") from None
+        if proxy is not None and response.status == PROXY_AUTHENTICATION_REQUIRED:  # a plain-http hop's answer
+            response.release()
+            raise _proxy_error(*proxy.refusal(response.status, response.reason or "", where))
+        return response
 
 
 async def _capped_body(response: aiohttp.ClientResponse, url: URL) -> bytes:
@@ -301,6 +315,10 @@ async def _capped_body(response: aiohttp.ClientResponse, url: URL) -> bytes:
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise _Transient(502, f"upstream {strip_query(str(url))} broke off its answer: {type(e).__name__}") from None
     return bytes(body)
+
+
+def _proxy_error(status: int, message: str, transient: bool) -> Exception:
+    return _Transient(status, message) if transient else FetchFailed(status, message)
 
 
 class _Transient(Exception):

@@ -1,8 +1,9 @@
 """Access log: one JSON object per request, on its own line (stderr).
 
 Invariants: fields are the handle's cache key, the outcome (X-Cache), status, body bytes,
-duration and client address; no header or query string is ever logged (tokens, signatures);
-lines are buffered for at most FLUSH_SECONDS and flushed at shutdown, in request order.
+duration and client address (behind a trusted proxy, the one it forwarded for); no header or query
+string is ever logged (tokens, signatures); lines are buffered for at most FLUSH_SECONDS and flushed
+at shutdown, in request order.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+
+from . import forwarded
 
 HANDLE_KEY = web.RequestKey("hubproxy.handle", str)  # where the hub handler leaves the parsed key
 BODY_BYTES_KEY = web.RequestKey("hubproxy.body_bytes", int)  # archive bytes sent (sendfile bypasses aiohttp's count)
@@ -69,7 +72,8 @@ class AccessLog:
             def log(self, request, response, time: float) -> None:
                 sink.write(line(handle=request.get(HANDLE_KEY), path=request.path, method=request.method,
                                 outcome=response.headers.get("X-Cache"), status=response.status,
-                                body_bytes=request.get(BODY_BYTES_KEY, 0), seconds=time, client=request.remote))
+                                body_bytes=request.get(BODY_BYTES_KEY, 0), seconds=time,
+                                client=forwarded.client(request)))
 
             @property
             def enabled(self) -> bool:

@@ -27,7 +27,7 @@ from ..fetch.upstream import Upstream
 from ..handles import FILES_PATH, GCS, HUB_HOSTS, KAGGLE_API, BadHandle, parse_request_target
 from ..metrics import Metrics
 from ..units import parse_size
-from . import admin, browse, kaggle_api, kaggle_files, relay
+from . import admin, browse, forwarded, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .front import request_bounds
@@ -44,8 +44,9 @@ SERVER = "hubproxy"
 
 
 def create_app(settings: Settings) -> web.Application:
+    behind_proxies = [forwarded.middleware(settings.trusted_networks)] if settings.trusted_proxies else []
     app = web.Application(handler_args={"max_field_size": 8190},
-                          middlewares=[request_bounds, _proxied_requests_are_hub_requests])
+                          middlewares=[*behind_proxies, request_bounds, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
@@ -104,8 +105,7 @@ async def browse_page(request: web.Request) -> web.Response:
     if not (request.host.isascii() and request.host.isprintable()):
         return error(400, "the Host header is not a host[:port]: it holds bytes outside printable ASCII")
     entries = await asyncio.to_thread(request.app[STORE].entries)
-    base_url = f"{request.scheme}://{request.host}"
-    return browse.response(entries, base_url, _size_or_none(request.app[SETTINGS].max_size))
+    return browse.response(entries, forwarded.base_url(request), _size_or_none(request.app[SETTINGS].max_size))
 
 
 async def metrics(request: web.Request) -> web.Response:

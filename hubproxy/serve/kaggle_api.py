@@ -26,6 +26,7 @@ from aiohttp import web
 from ..fetch.errors import FetchFailed
 from ..fetch.upstream import Answer
 from ..handles import KAGGLE_API
+from . import forwarded
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, METADATA, SETTINGS, STORE, UPSTREAM
 from .intercept import tunnel_host
@@ -51,13 +52,14 @@ def rpc_url(request: web.Request, rpc: str) -> str:
 
 def own_base_url(request: web.Request) -> str:
     """Where this client reaches the mirror: api.kaggle.com itself when intercepted (the redirect
-    comes back through the same proxy), else the mirror's address as the client spelled it."""
+    comes back through the same proxy), else the mirror's address as the client spelled it (to its
+    load balancer, when that is a trusted proxy)."""
     host = tunnel_host(request.transport)
     if host is not None:
         return f"https://{host}"
     if not request.raw_path.startswith("/"):  # absolute-form, through HTTP_PROXY
         return f"http://{request.url.host}"
-    return f"{request.scheme}://{request.host}"
+    return forwarded.base_url(request)
 
 
 async def rpc_route(request: web.Request) -> web.Response:
