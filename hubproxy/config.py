@@ -26,6 +26,7 @@ DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.co
 # online: upstream when needed; offline: never upstream; fallback: online, but kagglehub's metadata is
 # answered from its stored copy when upstream fails (archives and files need no fallback: a hit never asks)
 MODES = ("online", "offline", "fallback")
+MAX_WORKERS = 256
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,7 @@ class Settings:
     # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
     egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* headers are believed
+    workers: int = 1  # processes serving the port (SO_REUSEPORT) and the cache (single flight across them)
 
     @property
     def listen_host(self) -> str:
@@ -246,6 +248,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{name}: {e}") from None
         if seconds <= 0 and name in ("header_timeout", "keepalive_timeout", "upstream_rate_window"):
             raise ConfigError(f"{name} must be longer than 0s")
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be from 1 to {MAX_WORKERS}, got {settings.workers}")
     if settings.max_connections < 0:
         raise ConfigError("max_connections must not be negative (0: derived from the open-file limit)")
     if settings.mode not in MODES:

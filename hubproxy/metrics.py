@@ -1,12 +1,19 @@
-"""Prometheus metrics for one proxy instance (prometheus_client, a registry per app).
+"""Prometheus metrics for one proxy instance (prometheus_client, a registry per app); under serve
+--workers, the exposition is the workers' together (prometheus_client's multiprocess mode).
 
 Invariants: metrics only count, they never decide; label values come from a small fixed set
-(cache outcomes, HTTP status codes), never from handles or URLs, so cardinality stays bounded.
+(cache outcomes, HTTP status codes), never from handles or URLs, so cardinality stays bounded;
+across workers, counts and work under way add up, and a state of the cache shows the latest reading.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by serve --workers for its workers (serve/workers.py)
 
 FETCH_FAILURE_STATUSES = ("404", "500", "502", "503", "504")
 
@@ -20,9 +27,9 @@ class Metrics:
                                 ["outcome"], registry=self.registry)
         self.hits = self.requests.labels("HIT")
         self.flights_in_progress = Gauge("hubproxy_flights_in_progress", "Upstream fetches under way.",
-                                         registry=self.registry)
+                                         registry=self.registry, multiprocess_mode="livesum")
         self.flight_readers = Gauge("hubproxy_flight_readers", "Clients attached to fetches under way.",
-                                    registry=self.registry)
+                                    registry=self.registry, multiprocess_mode="livesum")
         self.upstream_failures = Counter("hubproxy_upstream_failures", "Fetches that failed, by the status sent.",
                                          ["status"], registry=self.registry)
         for status in FETCH_FAILURE_STATUSES:  # exported at 0, so a rate sees the very first failure
@@ -36,23 +43,27 @@ class Metrics:
                                        registry=self.registry)
         self.cache_bytes_served = Counter("hubproxy_cache_bytes_served", "Body bytes of hits sent from disk.",
                                           registry=self.registry)
-        self.cache_entries = Gauge("hubproxy_cache_entries", "Index entries (handles) cached.", registry=self.registry)
-        self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry)
+        self.cache_entries = Gauge("hubproxy_cache_entries", "Index entries (handles) cached.", registry=self.registry,
+                                   multiprocess_mode="livemostrecent")
+        self.cache_bytes = Gauge("hubproxy_cache_bytes", "Bytes of stored blobs.", registry=self.registry,
+                                 multiprocess_mode="livemostrecent")
         self.cache_max_bytes = Gauge("hubproxy_cache_max_bytes", "The max_size cap eviction keeps the cache under "
-                                     "(0: no cap).", registry=self.registry)
+                                     "(0: no cap).", registry=self.registry, multiprocess_mode="livemostrecent")
         self.cache_min_free_bytes = Gauge("hubproxy_cache_min_free_bytes", "The min_free floor eviction keeps free "
-                                          "on the cache's disk (0: no floor).", registry=self.registry)
+                                          "on the cache's disk (0: no floor).", registry=self.registry,
+                                          multiprocess_mode="livemostrecent")
         self.cache_disk_free_bytes = Gauge("hubproxy_cache_disk_free_bytes", "Bytes free on the cache's filesystem "
-                                           "(for an unprivileged user).", registry=self.registry)
+                                           "(for an unprivileged user).", registry=self.registry,
+                                           multiprocess_mode="livemostrecent")
         self.cache_disk_size_bytes = Gauge("hubproxy_cache_disk_size_bytes", "Size of the cache's filesystem.",
-                                           registry=self.registry)
+                                           registry=self.registry, multiprocess_mode="livemostrecent")
         self.evictions = Counter("hubproxy_evictions", "Index entries removed by purge or eviction.",
                                  registry=self.registry)
         self.cache_write_errors = Counter("hubproxy_cache_write_errors",
                                           "Writes to the cache the disk refused, by reason.",
                                           ["reason"], registry=self.registry)
         self.cache_writable = Gauge("hubproxy_cache_writable", "0 while writes to the cache are failing, else 1.",
-                                    registry=self.registry)
+                                    registry=self.registry, multiprocess_mode="livemin")
         self.passthrough_fetches = Counter("hubproxy_passthrough_fetches", "Archives verified and delivered to "
                                            "clients but not stored (cache unwritable).", registry=self.registry)
         self.connects = Counter("hubproxy_connects", "Forward-proxy CONNECT requests, by what became of them "
@@ -61,4 +72,8 @@ class Metrics:
                                        registry=self.registry)
 
     def exposition(self) -> bytes:
+        if os.environ.get(MULTIPROCESS_DIR):
+            together = CollectorRegistry()
+            MultiProcessCollector(together)
+            return generate_latest(together)
         return generate_latest(self.registry)

@@ -27,9 +27,11 @@ from typing import BinaryIO
 import diskcache
 
 from .diskhealth import disk_trouble
+from .flightlocks import FlightLocks
 from .readonly import ReadOnlyCache, ReadOnlyIndex
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+TEMP_NAME = re.compile(r"fetch-[A-Za-z0-9_]{1,64}\.part")  # what new_temp_file names (mkstemp's letters)
 MEMO_SECONDS = 2.0
 MEMO_ENTRIES = 65536
 
@@ -58,12 +60,14 @@ class Store:
         self.read_only = read_only
         self._blobs_prefix = f"{self.blobs}/"
         self._index: diskcache.Cache | ReadOnlyIndex
+        self.flights: FlightLocks | None = None  # single flight across the processes on this cache
         if read_only:
             self._index = ReadOnlyIndex(self.root / "index")
         else:
             for directory in (self.blobs, self.tmp):
                 directory.mkdir(parents=True, exist_ok=True)
             self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
+            self.flights = FlightLocks(self.root)
         self._memo: dict[str, tuple[Entry, float]] = {}  # key → (entry, valid until, monotonic)
         self._pending_hits: dict[str, tuple[int, float]] = {}  # key → (hits, last access)
 
@@ -251,6 +255,24 @@ class Store:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="fetch-", suffix=".part")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: nobody else can hold it
         return fd, Path(name)
+
+    def temp_named(self, name: str) -> Path:
+        """The temp file called name (as another process's flight describes it); ValueError for a
+        name new_temp_file never makes, so no description can point outside tmp/."""
+        if not TEMP_NAME.fullmatch(name):
+            raise ValueError(f"not a temp file name: {name[:80]!r}")
+        return self.tmp / name
+
+    def reopen_temp(self, temp_path: Path) -> int:
+        """A temp file a dead process left, reopened to append to it under its lock (as
+        new_temp_file's); raises FileNotFoundError when it is gone, BlockingIOError when held."""
+        fd = os.open(temp_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def commit(self, key: str, temp_path: Path, sha256: str, size: int, *,
                etag: str | None, content_type: str, source: str, durable: bool = True) -> Entry:

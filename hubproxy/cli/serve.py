@@ -8,7 +8,9 @@ import click
 
 from .. import __version__
 from ..config import MODES
+from ..config import Settings
 from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
+from ..serve.workers import WorkerFailed, serve_with_workers
 from ..tls.authority import CAError
 from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
 from .failures import fail, reason
@@ -55,6 +57,8 @@ from .failures import fail, reason
 @setting_option("--trusted-proxy", "trusted_proxies", "A load balancer's address or network (CIDR) whose "
                 "X-Forwarded-For/-Proto/-Host are believed: they give the access log's client and the URLs the "
                 "mirror shows. Repeatable; from any other peer they are ignored.", multiple=True, metavar="CIDR")
+@setting_option("--workers", "workers", "Processes serving the port (SO_REUSEPORT) and the cache: each archive is "
+                "still fetched once. One per core is plenty.", "1", type=click.IntRange(1, 256), metavar="N")
 @setting_option("--read-only", "read_only", "Serve a cache on a read-only mount: hits are served, misses pass "
                 "through unstored (a 504 in offline mode), nothing on the cache is written.", is_flag=True,
                 default=None)
@@ -78,11 +82,32 @@ def serve(config_file, **flags) -> None:
     quiet_malformed_requests()
 
     def announce(url: str) -> None:
-        click.echo(f"hubproxy {__version__} listening on {url} (cache {settings.cache_path})")
+        workers = f", {settings.workers} workers" if settings.workers > 1 else ""
+        click.echo(f"hubproxy {__version__} listening on {url} (cache {settings.cache_path}{workers})")
 
     try:
-        asyncio.run(serve_until_stopped(settings, announce))
-    except CAError as e:
-        fail(str(e))
-    except OSError as e:
-        fail(reason(e) if e.filename else f"cannot serve on {settings.listen}: {e.strerror or e}")
+        if settings.workers > 1:
+            serve_with_workers(settings, announce, _worker)
+        else:
+            asyncio.run(serve_until_stopped(settings, announce))
+    except (CAError, OSError, WorkerFailed) as e:
+        fail(_failure(settings, e))
+
+
+def _failure(settings: Settings, error: Exception) -> str:
+    """The one line a serve that cannot start ends with."""
+    if isinstance(error, OSError):
+        return reason(error) if error.filename else f"cannot serve on {settings.listen}: {error.strerror or error}"
+    return str(error)
+
+
+def _worker(settings: Settings, announce) -> None:
+    """One of serve --workers' processes (a fresh interpreter): serve as `serve` does, on a shared
+    port; a failure to start is announced as its one line for the parent to print."""
+    configure_logging(settings.log_level)
+    quiet_malformed_requests()
+    try:
+        asyncio.run(serve_until_stopped(settings, announce, reuse_port=True))
+    except (CAError, OSError) as e:
+        announce(f"error: {_failure(settings, e)}")
+        raise SystemExit(2) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import google_crc32c
 
@@ -21,6 +22,7 @@ from .errors import FetchFailed
 from .media_type import safe_media_type
 
 GZIP_MAGIC = b"\x1f\x8b"
+HASH_BLOCK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,15 @@ class Digests:
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self.update(piece)
+
+    def update_from(self, file: BinaryIO) -> int:
+        """Take in the file's bytes from its start (blocking: run it in a thread); returns how many."""
+        file.seek(0)
+        count = 0
+        while block := file.read(HASH_BLOCK):
+            self.update(block)
+            count += len(block)
+        return count
 
     def mismatch(self, evidence: Evidence) -> str | None:
         if self.md5 is not None and self.md5.digest() != evidence.md5:

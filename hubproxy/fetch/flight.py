@@ -53,10 +53,12 @@ class Flight:
         self.error: FetchFailed | None = None
         self.written = 0  # bytes [0, written) are in the temp file
         self.window: Window | None = None  # the bytes past `written`, once the disk refused them
+        self.fetched_here = False  # from upstream by this process (else followed from another's fetch)
         self.streamers = 0  # readers that follow spans(), as opposed to waiting for the end
         self._readers = 0
         self._positions: dict[object, int] = {}  # each running spans() → the offset it has sent up to
         self._read_fd: int | None = None
+        self.temp_path = None  # the file readers follow (this process's temp file, or another's)
         self.on_end: Callable[[Flight], None] | None = None  # the registry's bookkeeping, before readers wake
         loop = asyncio.get_running_loop()
         self.started = loop.time()
@@ -180,7 +182,17 @@ class Flight:
 
     def readers_follow(self, temp_path) -> None:
         """The archive is being written to temp_path: readers send from it."""
-        self._read_fd = os.open(temp_path, os.O_RDONLY)
+        self._read_fd = os.open(temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        self.temp_path = temp_path
+
+    def on_disk(self) -> int:
+        """How many bytes the file readers follow holds now (another process may be writing it)."""
+        return os.fstat(self._read_fd).st_size
+
+    def same_file(self, path) -> bool:
+        """Whether readers follow the file now at path (the temp file they began on, renamed)."""
+        here, there = os.fstat(self._read_fd), os.stat(path)
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def streaming(self) -> None:
         self.state = State.STREAMING

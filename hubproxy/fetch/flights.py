@@ -1,23 +1,31 @@
 """The registry of flights under way: single flight per key, so any number of requests for one
-archive cost one upstream fetch.
+archive cost one upstream fetch, across every process on the cache (cache/flightlocks.py).
 
-Invariants: at most one joinable flight per key at a time, and it runs to the end even if every
-reader leaves; a key is listed as busy (never to be evicted or purged) while its flight runs; the
-registry forgets a flight before its readers learn how it ended.
+Invariants: at most one joinable flight per key at a time in a process, and it runs to the end
+even if every reader leaves; across processes, only the holder of the key's lock fetches it and
+the others follow its temp file (fetch/follow.py), taking over when it dies; a key is listed as
+busy (never to be evicted or purged) while its flight runs; the registry forgets a flight before
+its readers learn how it ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import AsyncIterator, Callable
 
-from ..cache.diskhealth import WriteHealth
+from ..cache.diskhealth import WriteHealth, disk_trouble
+from ..cache.flightlocks import Lead, Watch
 from ..cache.store import Store
 from ..metrics import Metrics
+from .errors import FetchFailed
 from .flight import Flight, State
+from .follow import Follow, Next, Partial, committed_entry, end_with
 from .ingest import Ingest
 from .upstream import Upstream
+
+log = logging.getLogger(__name__)
 
 
 class Flights:
@@ -45,7 +53,7 @@ class Flights:
         flight = self._active.get(key)
         joined = flight is not None and flight.joinable
         if not joined:
-            flight = self._start(key, url, post_json, archive)
+            flight, joined = self._start(key, url, post_json, archive)
         flight.attach(streaming)
         self._metrics.flight_readers.inc()
         try:
@@ -54,21 +62,65 @@ class Flights:
             flight.detach(streaming)
             self._metrics.flight_readers.dec()
 
-    def _start(self, key: str, url: str, post_json: dict | None, archive: bool) -> Flight:
+    def _start(self, key: str, url: str, post_json: dict | None, archive: bool) -> tuple[Flight, bool]:
+        """A new flight for key: (it, whether it follows another process's fetch of key)."""
+        alone = key in self._active  # this process leads a flight no newcomer can join: fetch alone, as it
         flight = Flight(key, url, post_json, archive)
         flight.on_end = self._ended
         self._active[key] = flight
-        ingest = Ingest(flight, self._store, self._upstream, self.health,
-                        on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc())
-        self._tasks[flight] = asyncio.create_task(ingest.run(), name=f"flight {key}")
+        claim = None if alone else self._claim(key)
+        self._tasks[flight] = asyncio.create_task(self._run(flight, claim), name=f"flight {key}")
         self._metrics.flights_in_progress.inc()
-        return flight
+        return flight, isinstance(claim, Watch)
+
+    def _claim(self, key: str) -> Lead | Watch | None:
+        """key's lock (lead its fetch), a watch on the process that has it (follow), or None: the
+        cache keeps no locks (read-only), or its disk refuses the lock file: fetch alone."""
+        if self._store.flights is None:
+            return None
+        try:
+            return self._store.flights.try_lead(key)
+        except OSError as e:
+            if disk_trouble(e) is None:
+                raise
+            return None
+
+    async def _run(self, flight: Flight, claim: Lead | Watch | None) -> None:
+        """Follow the process that leads key's fetch until the flight ends or this one must lead
+        (the leader died, or ended without a commit before a byte was sent), then lead it."""
+        while isinstance(claim, Watch):
+            outcome = await self._follow(flight, claim)
+            if outcome is Next.ENDED:
+                return
+            claim = self._claim(flight.key) if outcome is Next.START_OVER else \
+                None if outcome is Next.ON_OUR_OWN else outcome
+        with claim or contextlib.nullcontext():
+            if claim is not None and (entry := await asyncio.to_thread(committed_entry, self._store, flight.key)):
+                await end_with(flight, self._store, entry)  # another process stored it since the caller looked
+                return
+            partial = None if claim is None else Partial.from_record(claim.record(), self._store)
+            await Ingest(flight, self._store, self._upstream, self.health, lead=claim, partial=partial,
+                         on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc()).run()
+
+    async def _follow(self, flight: Flight, watch: Watch) -> Next | Lead:
+        try:
+            return await Follow(flight, watch, self._store).run()
+        except asyncio.CancelledError:
+            flight.ended(State.FAILED, error=FetchFailed(503, "hubproxy is shutting down"))
+            raise
+        except Exception as e:  # a bug or a disk error must still end every reader's stream
+            log.exception("following the fetch of %s crashed", flight.key)
+            flight.ended(State.FAILED, error=FetchFailed(500, f"internal error while following a fetch: "
+                                                              f"{type(e).__name__}"))
+            return Next.ENDED
 
     def _ended(self, flight: Flight) -> None:
         self._metrics.flights_in_progress.dec()
         self._tasks.pop(flight, None)
         if self._active.get(flight.key) is flight:
             del self._active[flight.key]
+        if not flight.fetched_here:
+            return  # followed from another process, which counts its own fetch
         if flight.state is State.PASSED:
             self._metrics.passthrough_fetches.inc()
         if flight.error is not None:

@@ -25,12 +25,14 @@ from typing import AsyncIterator, Callable
 import aiohttp
 
 from ..cache.diskhealth import WriteHealth, disk_trouble
+from ..cache.flightlocks import Lead
 from ..cache.store import Store
 from ..handles import strip_query
 from .errors import FetchFailed
 from .evidence import Digests, Evidence, check_archive_start, check_complete, refuse_unverifiable
 from .flight import Flight, State
-from .resume import ResumableBody
+from .follow import PASSING, Partial, describe
+from .resume import ResumableBody, resume_from
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -58,31 +60,29 @@ class _Batch:
 
 class Ingest:
     def __init__(self, flight: Flight, store: Store, upstream: Upstream, health: WriteHealth,
-                 on_resume: Callable[[str], None] | None = None):
+                 on_resume: Callable[[str], None] | None = None, lead: Lead | None = None,
+                 partial: Partial | None = None):
+        """lead: this process holds the key's lock (other processes follow what it describes);
+        partial: the fetch of a leader that died, to go on with (its temp file, then the rest)."""
         self._on_resume = on_resume
         self._flight = flight
         self._store = store
         self._upstream = upstream
         self._health = health
+        self._lead, self._partial = lead, partial
         self._temp: Path | None = None
+        self._write_fd: int | None = None
         self._disk_failed = False
 
     async def run(self) -> None:
-        flight, write_fd = self._flight, None
+        flight = self._flight
+        flight.fetched_here = True
         state, entry, error = State.FAILED, None, None
         try:
-            response = await self._upstream.open(flight.url, json=flight.post_json)
-            flight.evidence = Evidence.from_headers(response.headers)
-            body = ResumableBody(self._upstream, response, flight.evidence, flight.url, flight.post_json,
-                                 self._on_resume)
+            body, digests, source = await (self._begin() if self._partial is None else self._go_on(self._partial))
             with contextlib.closing(body):
-                source = strip_query(str(response.url))  # the final hop, without its signature
-                refuse_unverifiable(flight.evidence, archive=flight.archive,
-                                    framed=self._upstream.is_parent(response.url))
-                write_fd = self._open_temp()
-                digests = Digests(flight.evidence, archive=flight.archive)
-                await self._stream(body, write_fd, digests)
-            # write_fd stays open (and so the temp file locked) until the commit has renamed it
+                await self._stream(body, self._write_fd, digests, start=flight.received)
+            # the write fd stays open (and so the temp file locked) until the commit has renamed it
             check_complete(flight.evidence, flight.received, digests)
             if flight.window is None:
                 entry = await self._commit(digests.sha256.hexdigest(), source)
@@ -103,14 +103,57 @@ class Ingest:
             log.exception("flight %s crashed", flight.key)
             error = FetchFailed(500, f"internal error while fetching: {type(e).__name__}")
         finally:
-            if write_fd is not None:
-                os.close(write_fd)
+            if self._write_fd is not None:
+                os.close(self._write_fd)
             if state is not State.COMMITTED and self._temp is not None:
                 with contextlib.suppress(OSError):  # a read-only disk keeps it until clear_temp at start
                     self._store.discard(self._temp)
             if error is not None:
                 log.warning("fetch of %s failed: %s", flight.key, error.message)
             flight.ended(state, entry, error)
+
+    async def _begin(self) -> tuple[ResumableBody, Digests, str]:
+        """Ask upstream; once its answer may be vouched for, open the temp file and describe the
+        fetch for other processes. Returns (body, digests to fill, the final URL without its query)."""
+        flight = self._flight
+        response = await self._upstream.open(flight.url, json=flight.post_json)
+        flight.evidence = Evidence.from_headers(response.headers)
+        body = ResumableBody(self._upstream, response, flight.evidence, flight.url, flight.post_json, self._on_resume)
+        source = strip_query(str(response.url))  # the final hop, without its signature
+        try:
+            refuse_unverifiable(flight.evidence, archive=flight.archive, framed=self._upstream.is_parent(response.url))
+            self._write_fd = self._open_temp()
+        except BaseException:
+            body.close()
+            raise
+        if self._lead is not None and self._temp is not None:
+            self._lead.describe(describe(self._temp.name, response.headers, source))
+        return body, Digests(flight.evidence, archive=flight.archive), source
+
+    async def _go_on(self, partial: Partial) -> tuple[ResumableBody, Digests, str]:
+        """Take over a dead leader's fetch: its temp file (hashed again from the start), then the
+        rest from upstream with Range + If-Match, so its followers' readers go on undisturbed."""
+        flight = self._flight
+        try:
+            self._write_fd = self._store.reopen_temp(partial.temp)
+            if flight.state is State.CONNECTING:
+                flight.readers_follow(partial.temp)
+        except OSError:
+            if flight.state is not State.CONNECTING:
+                raise FetchFailed(502, f"the fetch of {flight.key} by a hubproxy process that died left no file "
+                                       "to go on from") from None
+            self._partial = None  # no reader has a byte of it: begin afresh
+            return await self._begin()
+        self._temp, flight.evidence = partial.temp, partial.evidence
+        digests = Digests(partial.evidence, archive=flight.archive)
+        with flight.open_file() as archive:
+            have = await asyncio.to_thread(digests.update_from, archive)
+        log.warning("taking over the fetch of %s from a hubproxy process that died, at byte %d", flight.key, have)
+        if flight.state is State.CONNECTING:
+            flight.streaming()
+        flight.advance(have)
+        body = await resume_from(self._upstream, flight, partial.final, have, self._on_resume)
+        return body, digests, partial.final
 
     def _open_temp(self) -> int | None:
         """The temp file's write descriptor, or None (pass-through) when the disk refuses one."""
@@ -138,13 +181,13 @@ class Ingest:
         self._health.succeeded()
         return entry
 
-    async def _stream(self, body: ResumableBody, write_fd: int | None, digests: Digests) -> None:
+    async def _stream(self, body: ResumableBody, write_fd: int | None, digests: Digests, start: int = 0) -> None:
         """Receive on the event loop while one thread writes and another hashes earlier batches
         (each single-threaded, so in order); readers are woken as each batch reaches the file,
         or the window once the disk has refused a write."""
         flight, loop = self._flight, asyncio.get_running_loop()
         pending: collections.deque[_Batch] = collections.deque()
-        received = 0
+        received = start
         with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
             try:
                 async for pieces in _batches(body, BATCH_SIZE):
@@ -195,6 +238,8 @@ class Ingest:
         opened read-only refuses by design, which is no disk failure to report."""
         if not self._store.read_only:
             self._health.failed(reason, f"fetching {self._flight.key}")
+        if self._lead is not None:
+            self._lead.describe(PASSING)  # other processes cannot tail memory: they fetch on their own
         window = self._flight.hold_in_memory(at, PASS_THROUGH_LIMIT)
         for batch in batches:
             if batch.write is not None:

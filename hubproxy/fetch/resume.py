@@ -162,6 +162,44 @@ class ResumableBody:
         return response
 
 
+async def resume_from(upstream: Upstream, flight, final: str, start: int,
+                      on_resume: Callable[[str], None] | None = None) -> "ResumableBody | _Ended":
+    """The rest of flight's object from byte `start` (a fetch taken over from a process that died):
+    the chain followed again to a freshly signed URL for `final`, asked for `bytes=start-` with
+    If-Match, and checked as any resume; the end of the body at once when nothing is left."""
+    evidence = flight.evidence
+    if evidence.content_length is not None and start == evidence.content_length:
+        return _Ended()
+    etag = evidence.etag
+    if evidence.content_length is None or etag is None or etag.startswith("W/"):
+        raise FetchFailed(502, f"the fetch of {flight.key} broke off after {start} bytes and cannot be resumed "
+                               "(upstream gave no strong ETag and length)")
+    url = flight.url
+    if strip_query(url) != final:
+        url = await upstream.relocate(flight.url, final, flight.post_json)
+    response = await upstream.get_resumed(url, {"Range": f"bytes={start}-", "If-Match": etag})
+    problem = _resume_problem(response, start, evidence)
+    if problem is not None:
+        response.release()
+        raise FetchFailed(502, f"upstream {final} {problem} after {start} bytes; the transfer cannot be resumed")
+    body = ResumableBody(upstream, response, evidence, flight.url, flight.post_json, on_resume)
+    body.received = start
+    return body
+
+
+class _Ended:
+    """A body with nothing left in it."""
+
+    async def readany(self) -> bytes:
+        return b""
+
+    def read_nowait(self, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
 def _resume_problem(response: aiohttp.ClientResponse, start: int, evidence: Evidence) -> str | None:
     """What makes response no continuation of the object from byte `start`, or None."""
     if response.status == 412:

@@ -54,13 +54,26 @@ def interception_contexts(settings: Settings) -> Callable[[str], ssl.SSLContext]
     return Leaves(authority.load(settings.ca_path)).context_for
 
 
-def listening_socket(settings: Settings) -> socket.socket:
-    """The bound, listening socket for settings.listen (port 0 picks a free one)."""
+def bound_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to settings.listen (port 0 picks a free one); reuse_port: others may bind
+    the same port (SO_REUSEPORT: serve --workers), the kernel spreading connections over them."""
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((settings.listen_host, settings.listen_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
+    """The bound, listening socket for settings.listen."""
+    sock = bound_socket(settings, reuse_port)
+    try:
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
@@ -81,8 +94,9 @@ def _aiohttp_first(server: web.Server, connection: Connection) -> asyncio.Protoc
     return server()
 
 
-async def serve_until_stopped(settings: Settings, announce: Callable[[str], None]) -> None:
-    """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
+async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], reuse_port: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted.
+    reuse_port: one of serve --workers' processes, sharing the port (serve/workers.py)."""
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     app = create_app(settings)
     runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
@@ -94,7 +108,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
-        sock = listening_socket(settings)
+        sock = listening_socket(settings, reuse_port)
         first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
             first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))

@@ -1,0 +1,143 @@
+"""`serve --workers N`: N processes serving one port (SO_REUSEPORT, the kernel spreads connections)
+and one cache (single flight across them: cache/flightlocks.py), under a parent that starts them,
+restarts one that dies, and passes a stop signal on.
+
+Invariants: "listening" is announced once every worker accepts connections; each worker is a
+fresh interpreter (spawn, never fork), so no lock, thread or sqlite handle is shared; metrics are
+the sum over the live workers (prometheus_client's multiprocess mode, in a directory of the
+parent's that it removes at exit); a worker that fails before it listens stops them all, with its
+one-line reason, and a worker that dies later is replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from multiprocessing.connection import Connection, wait
+from typing import Callable
+
+from ..config import Settings
+from ..metrics import MULTIPROCESS_DIR
+from .runtime import bound_socket
+
+log = logging.getLogger(__name__)
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+class WorkerFailed(Exception):
+    """A worker could not start; the message is its own one-line reason."""
+
+
+def serve_with_workers(settings: Settings, announce: Callable[[str], None],
+                       worker: Callable[[Settings, Callable[[str], None]], None]) -> None:
+    """Run settings.workers processes of worker(settings, tell) until SIGINT/SIGTERM, then stop them
+    and wait for them. worker (a module-level function: it is pickled) serves on a SO_REUSEPORT
+    socket and tells the URL it listens on, or "error: " and why it cannot."""
+    reservation = bound_socket(settings, reuse_port=True)  # holds the port (and resolves port 0) for all
+    host, port = reservation.getsockname()[:2]
+    settings = _on_port(settings, host, port)
+    metrics_dir = tempfile.mkdtemp(prefix="hubproxy-metrics-")
+    os.environ[MULTIPROCESS_DIR] = metrics_dir
+    stop = _StopSignals()
+    workers: dict[int, tuple[multiprocessing.Process, Connection]] = {}
+    try:
+        for number in range(settings.workers):
+            workers[number] = _started(worker, settings, number)
+        url = ""
+        for number, (process, ready) in workers.items():
+            url = _wait_until_listening(process, ready)
+        announce(url)
+        _supervise(worker, settings, workers, stop)
+    finally:
+        _stop_all(workers)
+        reservation.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        stop.restore()
+
+
+def _on_port(settings: Settings, host: str, port: int) -> Settings:
+    return dataclasses.replace(settings, listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def _started(worker, settings: Settings, number: int) -> tuple[multiprocessing.Process, Connection]:
+    ours, theirs = _spawn.Pipe(duplex=False)
+    process = _spawn.Process(target=_run, args=(worker, settings, theirs), name=f"hubproxy worker {number}")
+    process.start()
+    theirs.close()
+    return process, ours
+
+
+def _wait_until_listening(process: multiprocessing.Process, ready: Connection) -> str:
+    """The URL the worker listens on, once it does; WorkerFailed with its reason when it exits first."""
+    try:
+        message = ready.recv()
+    except EOFError:
+        process.join()
+        raise WorkerFailed(f"a worker exited with status {process.exitcode} before it listened") from None
+    if message.startswith("error: "):
+        process.join()
+        raise WorkerFailed(message.removeprefix("error: "))
+    return message
+
+
+def _supervise(worker, settings: Settings, workers: dict, stop: "_StopSignals") -> None:
+    """Until a stop signal: replace a worker that dies (it is the one it was: same number)."""
+    while not stop.received:
+        sentinels = {process.sentinel: number for number, (process, _) in workers.items()}
+        for sentinel in wait([*sentinels, stop.reader], timeout=None):
+            number = sentinels.get(sentinel)
+            if number is None or stop.received:
+                continue
+            process, ready = workers[number]
+            process.join()
+            ready.close()
+            _mark_dead(process.pid)
+            log.warning("worker %d (pid %d) exited with status %s; starting another", number, process.pid,
+                        process.exitcode)
+            workers[number] = _started(worker, settings, number)
+            _wait_until_listening(*workers[number])
+
+
+def _stop_all(workers: dict) -> None:
+    """SIGTERM to every worker (each drains itself), then wait for them all."""
+    for process, _ in workers.values():
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    for process, ready in workers.values():
+        process.join()
+        ready.close()
+
+
+def _mark_dead(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM noted (and the supervisor woken through a pipe) instead of raised."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.reader, self._writer = _spawn.Pipe(duplex=False)
+        self._previous = {signum: signal.signal(signum, self._note) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+        self._writer.send(signum)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(worker, settings: Settings, ready: Connection) -> None:
+    """A worker process: a terminal's Ctrl-C reaches the parent, which stops the workers with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker(settings, ready.send)

@@ -1,0 +1,148 @@
+"""`serve --workers N`: N processes on one port and one cache. Connections are spread over the
+workers by the kernel, an archive is still fetched once, the metrics are the workers' together, a
+worker that dies is replaced, and a stop signal ends them all. Real processes; which worker holds
+a connection is read from /proc, not guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.conftest import ROOT, http_request, start_proxy
+from tests.origin_control import stop_process
+
+CONNECTIONS = 32  # spread over 2 workers by the kernel's hash: all on one would be a 1 in 2**31 chance
+
+
+def _workers(parent_pid: int) -> list[int]:
+    children = Path(f"/proc/{parent_pid}/task/{parent_pid}/children").read_text().split()
+    return [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def _established_inodes(port: int) -> set[str]:
+    """Inodes of the server side of established TCP connections to port."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            inodes.add(fields[9])
+    return inodes
+
+
+def _get_on(sock: socket.socket, path: str) -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+    response = sock.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += response.readline()
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+                 .split(b":")[1])
+    return response.read(length)
+
+
+def test_workers_share_the_port_the_cache_and_their_metrics(proxy_factory, clean_origin, archives, tmp_path):
+    proxy = proxy_factory(tmp_path / "cache", "--workers", "2")
+    workers = _workers(proxy.process.pid)
+    assert len(workers) == 2
+    model = clean_origin.register(archives.small)
+    clean_origin.faults(model, hold_after=100)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(proxy.get(f"/{model.handle}"))) for _ in range(6)]
+    for client in clients:
+        client.start()
+    clean_origin.wait_held(1)
+    proxy.wait_for_metric("hubproxy_flight_readers", 6)  # the workers' readers, added up
+    clean_origin.release()
+    for client in clients:
+        client.join(timeout=120)
+    assert [(status, body) for status, _, body in results] == [(200, archives.small.read_bytes())] * 6
+    assert clean_origin.object_gets(model) == 1
+
+    port = int(proxy.url.rsplit(":", 1)[1])
+    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
+    try:
+        bodies = [_get_on(sock, f"/{model.handle}") for sock in connections]
+        established = _established_inodes(port)
+        served_by = {pid: len(_socket_inodes(pid) & established) for pid in workers}
+    finally:
+        for sock in connections:
+            sock.close()
+    assert bodies == [archives.small.read_bytes()] * CONNECTIONS
+    assert sum(served_by.values()) == CONNECTIONS and min(served_by.values()) > 0, served_by
+    assert proxy.metric("hubproxy_requests_total", outcome="HIT") == CONNECTIONS
+    assert proxy.metric("hubproxy_upstream_bytes_total") == archives.small.stat().st_size
+
+
+def test_a_worker_that_dies_is_replaced_and_a_stop_ends_them_all(proxy_factory, clean_origin, archives, tmp_path):
+    proxy = proxy_factory(tmp_path / "cache", "--workers", "2")
+    model = clean_origin.register(archives.small)
+    first, second = _workers(proxy.process.pid)
+    os.kill(first, signal.SIGKILL)
+    while _alive(first):  # its listening socket closes as it dies (connections it had queued are reset)
+        pass
+    while True:  # the parent starts another; every connection meanwhile reaches the survivor
+        status, _, body = proxy.get(f"/{model.handle}")
+        assert (status, body) == (200, archives.small.read_bytes())
+        now = _workers(proxy.process.pid)
+        if len(now) == 2 and first not in now:
+            break
+    assert second in now
+    metrics_dirs = {arg for arg in Path(f"/proc/{now[0]}/environ").read_bytes().split(b"\0")
+                    if arg.startswith(b"PROMETHEUS_MULTIPROC_DIR=")}
+    metrics_dir = Path(metrics_dirs.pop().split(b"=", 1)[1].decode())
+    assert "exited with status -9; starting another" in proxy.log.read_text()
+
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=60) == 0
+    assert not any(_alive(pid) for pid in now)
+    assert not metrics_dir.exists()
+    assert "Traceback" not in proxy.log.read_text()
+
+
+def test_workers_that_cannot_start_end_serve_with_their_one_line_reason(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", "2", "--listen", "127.0.0.1:0",
+                             "--cache-dir", str(tmp_path / "cache"), "--intercept", "--ca-dir", str(tmp_path / "no-ca")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-ca" in lines[0], result.stderr
+
+
+def test_workers_refuse_a_port_that_is_taken(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", "2", "--listen",
+                                 f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "cache")],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"Error: cannot serve on 127.0.0.1:{port}: Address already in use"
