@@ -8,10 +8,14 @@ across workers, counts and work under way add up, and a state of the cache shows
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from typing import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import multiprocess
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by serve --workers for its workers (serve/workers.py)
 
@@ -74,6 +78,24 @@ class Metrics:
     def exposition(self) -> bytes:
         if os.environ.get(MULTIPROCESS_DIR):
             together = CollectorRegistry()
-            MultiProcessCollector(together)
+            multiprocess.MultiProcessCollector(together)
             return generate_latest(together)
         return generate_latest(self.registry)
+
+
+@contextlib.contextmanager
+def shared_by_processes() -> Iterator[None]:
+    """Within: processes started from here (serve --workers) keep their metrics in a directory of
+    this one's, from which each one's /metrics adds them all up; the directory goes at the end."""
+    directory = tempfile.mkdtemp(prefix="hubproxy-metrics-")
+    os.environ[MULTIPROCESS_DIR] = directory
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_DIR]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def process_gone(pid: int) -> None:
+    """A process whose metrics were shared has ended: its gauges of work under way no longer count."""
+    multiprocess.mark_process_dead(pid)

@@ -11,18 +11,16 @@ one-line reason, and a worker that dies later is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import os
-import shutil
 import signal
-import tempfile
 from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from ..config import Settings
-from ..metrics import MULTIPROCESS_DIR
+from .. import metrics
 from .runtime import bound_socket
 
 log = logging.getLogger(__name__)
@@ -39,26 +37,21 @@ def serve_with_workers(settings: Settings, announce: Callable[[str], None],
     """Run settings.workers processes of worker(settings, tell) until SIGINT/SIGTERM, then stop them
     and wait for them. worker (a module-level function: it is pickled) serves on a SO_REUSEPORT
     socket and tells the URL it listens on, or "error: " and why it cannot."""
-    reservation = bound_socket(settings, reuse_port=True)  # holds the port (and resolves port 0) for all
-    host, port = reservation.getsockname()[:2]
-    settings = _on_port(settings, host, port)
-    metrics_dir = tempfile.mkdtemp(prefix="hubproxy-metrics-")
-    os.environ[MULTIPROCESS_DIR] = metrics_dir
-    stop = _StopSignals()
     workers: dict[int, tuple[multiprocessing.Process, Connection]] = {}
-    try:
+    with contextlib.ExitStack() as undo:  # on the way out, last first: workers stopped, then the rest
+        reservation = undo.enter_context(bound_socket(settings, reuse_port=True))  # the port held for all
+        settings = _on_port(settings, *reservation.getsockname()[:2])  # port 0 resolved
+        stop = _StopSignals()
+        undo.callback(stop.restore)
+        undo.enter_context(metrics.shared_by_processes())
+        undo.callback(_stop_all, workers)
         for number in range(settings.workers):
             workers[number] = _started(worker, settings, number)
         url = ""
-        for number, (process, ready) in workers.items():
+        for process, ready in workers.values():
             url = _wait_until_listening(process, ready)
         announce(url)
         _supervise(worker, settings, workers, stop)
-    finally:
-        _stop_all(workers)
-        reservation.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        stop.restore()
 
 
 def _on_port(settings: Settings, host: str, port: int) -> Settings:
@@ -97,7 +90,7 @@ def _supervise(worker, settings: Settings, workers: dict, stop: "_StopSignals") 
             process, ready = workers[number]
             process.join()
             ready.close()
-            _mark_dead(process.pid)
+            metrics.process_gone(process.pid)
             log.warning("worker %d (pid %d) exited with status %s; starting another", number, process.pid,
                         process.exitcode)
             workers[number] = _started(worker, settings, number)
@@ -108,16 +101,10 @@ def _stop_all(workers: dict) -> None:
     """SIGTERM to every worker (each drains itself), then wait for them all."""
     for process, _ in workers.values():
         if process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
+            process.terminate()  # SIGTERM
     for process, ready in workers.values():
         process.join()
         ready.close()
-
-
-def _mark_dead(pid: int) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)
 
 
 class _StopSignals:
