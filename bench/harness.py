@@ -116,9 +116,10 @@ def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
 
 @contextlib.contextmanager
 def hubproxy(origin_control: Origin, cache_dir: Path, *, intercept: bool = True, log_level: str = "WARNING",
-             extra: tuple[str, ...] = ()) -> Iterator[Server]:
+             extra: tuple[str, ...] = (), label: str = "") -> Iterator[Server]:
     """hubproxy on the origin, also intercepting HTTPS_PROXY clients with a CA of its own unless
-    `intercept` is false; its log (stderr) goes to Server.log, replaced at each start."""
+    `intercept` is false; its log (stderr) goes to Server.log, replaced at each start. label tells
+    apart the logs of several hubproxies on one cache dir."""
     args = [sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir),
             "--log-level", log_level, *extra]
     ca_file = None
@@ -130,7 +131,7 @@ def hubproxy(origin_control: Origin, cache_dir: Path, *, intercept: bool = True,
         ca_file = ca_dir / "ca.pem"
     for name in ("tfhub", "kaggle", "gcs"):
         args += ["--upstream", f"{name}={origin_control.urls[name]}"]
-    log = cache_dir.parent / f"{cache_dir.name}.log"
+    log = cache_dir.parent / f"{cache_dir.name}{label}.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=ROOT)
     try:

@@ -161,6 +161,37 @@ def hit(ctx: Context) -> list[Metric]:
     return [one, many, cpu, tls]
 
 
+# -- 1b. HIT with serve --workers 2 ------------------------------------------------------------
+
+def workers(ctx: Context) -> list[Metric]:
+    """The same cached archive from `serve --workers 2` on the same cache dir as the one-process
+    hubproxy (the cache is shared: nothing is fetched again), beside it and nginx."""
+    plan = ctx.plan
+    archive = harness.make_archive(ctx.workdir / "hit.bin", plan.hit_size)
+    path = ctx.cold_object(archive)
+    n = plan.hit_clients
+    rows = {clients_: (Metric("HIT", f"--workers 2, {clients_} client{'s' if clients_ > 1 else ''}", "GB/s",
+                              target=Target(">=", 1.0, NGINX)),
+                       Metric("HIT", f"--workers 2 ÷ --workers 1, {clients_} client{'s' if clients_ > 1 else ''}",
+                              "×", target=Target(">=", 1.0))) for clients_ in (1, n)}
+    with harness.hubproxy(ctx.origin, ctx.workdir / "hubproxy-cache", intercept=False, extra=("--workers", "2"),
+                          label="-2-workers") as two:
+        for server in ctx.proxies():
+            _fetch(ctx, server, path, archive, 1)  # warm: the shared cache holds it for the workers too
+        warm_gets = ctx.origin_gets(path)
+        for _ in range(plan.reps):
+            for clients_, (speed, ratio) in rows.items():
+                one_worker = _fetch(ctx, ctx.hubproxy, path, archive, clients_)
+                two_workers = _fetch(ctx, two, path, archive, clients_)
+                by_nginx = _fetch(ctx, ctx.nginx, path, archive, clients_)
+                speed.add(HUBPROXY, two_workers.total_bytes / two_workers.wall / GB)
+                speed.add(NGINX, by_nginx.total_bytes / by_nginx.wall / GB)
+                ratio.add(HUBPROXY, one_worker.wall / two_workers.wall)
+        if ctx.origin_gets(path) != warm_gets:
+            raise BenchError("the workers fetched an archive the shared cache already held")
+    return [metric for pair in rows.values() for metric in pair]
+
+
 # -- 2. MISS pass-through ----------------------------------------------------------------------
 
 def miss(ctx: Context) -> list[Metric]:
@@ -349,4 +380,5 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-SCENARIOS = {"hit": hit, "miss": miss, "herd": herd, "memory": memory, "small": small, "index": index}
+SCENARIOS = {"hit": hit, "workers": workers, "miss": miss, "herd": herd, "memory": memory, "small": small,
+             "index": index}

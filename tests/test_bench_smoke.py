@@ -21,6 +21,7 @@ def test_every_scenario_runs_and_checks_its_bytes(tmp_path):
     assert scenarios == {"HIT", "MISS", "herd", "memory", "small requests", "index"}
     for metric in report["metrics"]:
         assert metric["samples"], metric["name"]
+    assert {m["name"] for m in report["metrics"]} >= {"--workers 2, 3 clients", "--workers 2 ÷ --workers 1, 1 client"}
     herd_gets = next(m for m in report["metrics"] if m["name"].startswith("origin GETs"))
     assert herd_gets["samples"]["hubproxy"] == [1], "the herd must cost hubproxy exactly one origin GET"
     assert set(report["herd_ttfb_seconds"]) == {"hubproxy", "nginx"}
