@@ -82,6 +82,23 @@ def test_kagglehub_without_a_version_asks_the_latest_and_gets_it(mirror, clean_o
     assert {r["body"]["versionNumber"] for r in clean_origin.rpcs("ListModelInstanceVersionFiles")} == {2}
 
 
+def test_a_versions_file_list_is_kept_for_ever_while_the_latest_version_expires(
+        proxy_factory, clean_origin, archive, members, ca, tmp_path):
+    """With a TTL of 0s, GetModelInstance (which version is the latest) goes upstream every time,
+    but the file list of a given version never does again: a version's files don't change."""
+    model = clean_origin.register(archive)
+    mirror = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--kaggle-metadata-ttl", "0s",
+                           upstreams=_upstreams(clean_origin))
+
+    files = downloaded(run_kagglehub(mirror, ca, model.kaggle_instance_handle, tmp_path / "kh-a"))
+    again = downloaded(run_kagglehub(mirror, ca, model.kaggle_instance_handle, tmp_path / "kh-b"))
+
+    assert files == again == md5s(members)
+    assert len(clean_origin.rpcs("GetModelInstance")) == 2, "the latest version is asked again once the TTL is over"
+    assert [r["body"]["versionNumber"] for r in clean_origin.rpcs("ListModelInstanceVersionFiles")] == [1], \
+        "a version's file list went upstream once"
+
+
 def test_the_redirect_names_the_mirror_never_the_signed_url(mirror, clean_origin, archive, members):
     model = clean_origin.register(archive)
     body = {**INSTANCE, "modelSlug": model.model, "versionNumber": 1, "path": BIG}
