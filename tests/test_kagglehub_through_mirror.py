@@ -304,17 +304,33 @@ def test_a_relayed_download_keeps_its_encoding_and_gets_a_clean_content_type(mir
     assert answer.content == members[BIG]  # as requests decodes it
 
 
-def test_a_token_for_a_public_model_is_served_from_the_cache(mirror, clean_origin, archive, members, ca, tmp_path):
+def test_a_token_for_a_public_model_is_served_from_the_cache(proxy_factory, mirror, clean_origin, archive, members,
+                                                             ca, tmp_path):
+    """Checked once: the anonymous check is remembered per version, on disk, so neither a second
+    client nor a restarted mirror asks upstream again."""
     model = clean_origin.register(archive)
     token = "a-token-the-origin-ignores-" + "7" * 16
 
     first = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh-a", KAGGLE_API_TOKEN=token))
+    checked = _anonymous_rpcs(clean_origin)
     second = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh-b", KAGGLE_API_TOKEN=token))
+    after_second = _anonymous_rpcs(clean_origin)
+    mirror.stop()
+    restarted = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, upstreams=_upstreams(clean_origin))
+    third = downloaded(run_kagglehub(restarted, ca, model.kaggle_handle, tmp_path / "kh-c", KAGGLE_API_TOKEN=token))
 
-    assert first == second == md5s(members)
+    assert first == second == third == md5s(members)
+    assert checked, "the first client's calls were checked anonymously upstream"
+    assert after_second == checked, "a second client with the token cost no anonymous check"
+    assert _anonymous_rpcs(clean_origin) == checked, "nor did one after a restart: the answer is kept on disk"
     assert len(clean_origin.storage_gets(model)) == len(MEMBERS), "stored once, served from the cache after"
     assert not [r for r in clean_origin.requests() if r["authorization"]], "checked anonymously, never sent on"
     _assert_never_written(token, mirror, tmp_path / "cache")
+    _assert_never_written(token, restarted, tmp_path / "cache")
+
+
+def _anonymous_rpcs(origin) -> list[dict]:
+    return [r for r in origin.rpcs() if not r["authorization"]]
 
 
 def _assert_never_written(token: str, proxy, cache_dir: Path) -> None:
