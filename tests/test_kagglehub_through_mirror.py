@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests import test_interception, test_origin_kaggle_api
+from tests.conftest import run_cli
 from tests.test_origin_kaggle_api import (BIG, MEMBERS, RPC_PATH, download_location, downloaded, kagglehub_process,
                                           md5s)
 
@@ -147,6 +148,25 @@ def test_a_file_two_versions_share_is_stored_once(mirror, clean_origin, archive,
     blobs = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
     assert sorted(p.name for p in blobs) == sorted({hashlib.sha256(members[path]).hexdigest() for path in MEMBERS})
     assert len(clean_origin.storage_gets(first)) == len(clean_origin.storage_gets(second)) == len(MEMBERS)
+
+
+def test_an_archive_fetched_by_its_tfhub_handle_and_by_kagglehub_is_stored_once(mirror, clean_origin, archive, ca,
+                                                                                tmp_path):
+    """More than 25 files: kagglehub takes the archive (DownloadModelInstanceVersion without a path),
+    the very bytes tensorflow_hub got by the tfhub handle; two keys name them, one blob holds them."""
+    model = clean_origin.register(archive, extra_files=30)
+    status, headers, tfhub_bytes = mirror.get(f"/{model.handle}?tf-hub-format=compressed")
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+
+    files = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh"))
+
+    assert len(files) == len(MEMBERS) + 30
+    blobs = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in blobs] == [hashlib.sha256(tfhub_bytes).hexdigest()]
+    keys = run_cli("cache", "ls", "--json", "--cache-dir", tmp_path / "cache")
+    assert keys.returncode == 0, keys.stderr
+    assert sorted(entry["key"] for entry in json.loads(keys.stdout)) == [
+        f"kaggle-file:/google/{model.model}/tensorFlow2/default/1", f"tfhub:/{model.handle}"]
 
 
 def test_a_file_that_does_not_match_its_x_goog_hash_is_cut_and_never_stored(mirror, clean_origin, archive, members):
