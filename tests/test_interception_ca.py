@@ -215,7 +215,7 @@ def test_init_constrains_the_ca_to_extra_hosts_too(tmp_path):
 
 def _ca_init_with_env(directory: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(directory)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=_quiet_env(**env))
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=_quiet_env(**env), check=False)
 
 
 def test_init_constrains_the_ca_to_the_configured_redirect_hosts(tmp_path):
