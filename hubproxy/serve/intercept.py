@@ -54,7 +54,12 @@ class Doors:
         self.metrics = metrics
 
     def may_tunnel(self, host: str) -> bool:
-        return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in self.tunnel_globs)
+        return may_tunnel(self.tunnel_globs, host)
+
+
+def may_tunnel(tunnel_globs: tuple[str, ...], host: str) -> bool:
+    """Whether the operator allowed `host` (lower case, no trailing dot) with --tunnel, any port."""
+    return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in tunnel_globs)
 
 
 class ProxyFront(asyncio.Protocol):
