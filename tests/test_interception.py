@@ -239,6 +239,18 @@ def test_an_absolute_form_target_with_user_information_is_not_forwarded(tunnelli
     assert clean_origin.requests("canary") == []
 
 
+def test_a_tunnel_host_whose_answer_never_comes_is_a_504_after_the_headers_deadline(proxy_factory, clean_origin,
+                                                                                     archives, ca, tmp_path):
+    model = clean_origin.register(archives.small, public_bucket=True)
+    clean_origin.faults(model, hold_headers=True)
+    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
+                          "--upstream-headers-deadline", "1s")
+
+    answer = requests.get(f"{clean_origin.urls['gcs']}/{model.object}", proxies={"http": proxy.url}, timeout=60)
+
+    assert answer.status_code == 504 and "within 1s" in answer.text and answer.text.count("\n") == 1
+
+
 def test_a_tunnel_host_that_does_not_answer_is_a_502(proxy_factory, clean_origin, ca, tmp_path):
     proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1")
 

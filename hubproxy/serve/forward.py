@@ -85,14 +85,15 @@ class Forwarder:
         self._metrics.proxy_requests.labels("tunnelled").inc()
         where = f"{url.host}:{url.port}"
         try:
-            async with asyncio.timeout(self._headers_deadline):
+            async with asyncio.timeout(self._headers_deadline) as deadline:
                 answer = await self._session.request(
                     request.method, url, headers=end_to_end(request.headers, "Host"), allow_redirects=False,
                     data=request.content if request.body_exists else None)
-        except (aiohttp.ClientError, OSError) as e:  # before TimeoutError: a connect timeout is both
+        except (aiohttp.ClientError, OSError) as e:  # TimeoutError is an OSError
+            if deadline.expired():
+                return error(504, f"{where} did not answer within {self._headers_deadline:g}s "
+                                  "(upstream_headers_deadline)")
             return error(502, f"forwarding to {where} failed: {type(e).__name__}")
-        except TimeoutError:
-            return error(504, f"{where} did not answer within {self._headers_deadline:g}s (upstream_headers_deadline)")
         with contextlib.closing(answer):
             return await _stream(request, answer, where)
 
