@@ -52,7 +52,7 @@ def forwarded_url(request: web.Request) -> URL | None:
         url = URL(request.raw_path, encoded=True)
     except ValueError:
         return None
-    host = (url.host or "").rstrip(".")
+    host = (url.host or "").lower().rstrip(".")
     if url.scheme != "http" or host in HUB_HOSTS or not may_tunnel(settings.tunnel, host):
         return None
     return url

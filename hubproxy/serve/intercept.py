@@ -53,9 +53,6 @@ class Doors:
         self.tunnel_globs = tunnel_globs
         self.metrics = metrics
 
-    def may_tunnel(self, host: str) -> bool:
-        return may_tunnel(self.tunnel_globs, host)
-
 
 def may_tunnel(tunnel_globs: tuple[str, ...], host: str) -> bool:
     """Whether the operator allowed `host` (lower case, no trailing dot) with --tunnel, any port."""
@@ -97,7 +94,7 @@ class ProxyFront(asyncio.Protocol):
         host, port = line.group(1).decode().lower().rstrip("."), int(line.group(2))
         if host in HUB_HOSTS and port == 443:
             await self._intercept(host, early)
-        elif self._doors.may_tunnel(host):
+        elif may_tunnel(self._doors.tunnel_globs, host):
             await self._tunnel(host, port, early)
         else:
             self._doors.metrics.connects.labels("refused").inc()
