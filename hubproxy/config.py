@@ -136,6 +136,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); TOML files are UTF-8") from None
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:

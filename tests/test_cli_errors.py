@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from hubproxy.cache.store import Store
+from hubproxy.cli.failures import GuardedGroup
 from tests.conftest import ROOT, _quiet_env, run_cli
 from tests.test_cache_disk_full import small_disk  # noqa: F401  (the tmpfs fixture, mounted per test)
 
@@ -17,11 +20,11 @@ CACHE_COMMANDS = [["ls"], ["stats"], ["verify"], ["pin", "tfhub:/google/x/1"], [
                   ["purge", "tfhub:/google/x/1"], ["evict", "--max-size", "1G"]]
 
 
-def _serve(cache_dir) -> subprocess.CompletedProcess:
+def _serve(cache_dir, *args: object) -> subprocess.CompletedProcess:
     """`hubproxy serve` expected to refuse at once (the timeout only bounds a broken build)."""
     return subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--listen", "127.0.0.1:0",
-                           "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env=_quiet_env())
+                           "--cache-dir", str(cache_dir), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=_quiet_env())
 
 
 def _one_line_naming(result: subprocess.CompletedProcess, path, *words: str) -> None:
@@ -34,10 +37,10 @@ def _one_line_naming(result: subprocess.CompletedProcess, path, *words: str) -> 
     assert result.returncode == 2, (result.returncode, result.stderr)
 
 
-def _every_command(cache_dir):
-    yield _serve(cache_dir)
+def _every_command(cache_dir, *args: object):
+    yield _serve(cache_dir, *args)
     for command in CACHE_COMMANDS:
-        yield run_cli("cache", *command, "--cache-dir", cache_dir)
+        yield run_cli("cache", *command, "--cache-dir", cache_dir, *args)
 
 
 def test_a_cache_dir_that_is_a_file_is_named_by_serve_and_every_cache_command(tmp_path):
@@ -84,3 +87,55 @@ def test_the_operators_mistakes_exit_2(tmp_path, args):
     result = run_cli(*[arg.format(tmp=tmp_path) for arg in args])
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
+
+
+NOT_UTF8 = b"\xff\xfe not text \xc3("
+
+
+def test_a_config_file_that_is_not_utf8_is_named_by_serve_and_every_cache_command(tmp_path):
+    config = tmp_path / "hubproxy.toml"
+    config.write_bytes(b'cache_dir = "' + NOT_UTF8 + b'"\n')
+    for result in _every_command(tmp_path / "cache", "--config", config):
+        _one_line_naming(result, config, "not UTF-8")
+
+
+@pytest.mark.parametrize("command", [["warmup", "--tfhub-dir", "{tmp}/tfhub"],
+                                     ["bundle", "export", "--out", "{tmp}/b.tar", "--via", "http://127.0.0.1:9"]])
+def test_a_handle_list_that_is_not_utf8_is_named(tmp_path, command):
+    handle_list = tmp_path / "models.txt"
+    handle_list.write_bytes(b"https://tfhub.dev/google/x/1\nhttps://tfhub.dev/google/" + NOT_UTF8 + b"/1\n")
+    result = run_cli(*[arg.format(tmp=tmp_path) for arg in command], "--file", handle_list)
+    _one_line_naming(result, handle_list, "not UTF-8")
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_a_tfhub_descriptor_that_is_not_utf8_shows_an_unknown_handle(tmp_path):
+    """tensorflow_hub writes the descriptor; one garbled by a disk or a hand is unreadable, not fatal."""
+    tfdir = tmp_path / "tfhub"
+    (tfdir / "0123abcd").mkdir(parents=True)  # no saved_model.pb: a finding that needs no tensorflow to see
+    (tfdir / "0123abcd.descriptor.txt").write_bytes(b"Module: " + NOT_UTF8 + b"\n")
+    listed = run_cli("tfcache", "ls", "--tfhub-dir", tfdir)
+    assert "Traceback" not in listed.stderr and listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines() if "0123abcd" in line] == [["0123abcd", "?"]]
+    verified = run_cli("tfcache", "verify", "--tfhub-dir", tfdir)
+    assert "Traceback" not in verified.stderr, verified.stderr
+    assert verified.returncode == 1 and "BAD 0123abcd ?: no saved_model.pb" in verified.stdout, verified
+
+
+def test_the_last_resort_turns_text_that_is_not_utf8_into_one_line(tmp_path):
+    """Whatever a command forgot to check, a file that is not UTF-8 ends in one line, exit 2."""
+    garbled = tmp_path / "notes.txt"
+    garbled.write_bytes(NOT_UTF8)
+
+    @click.group(cls=GuardedGroup)
+    def main() -> None:
+        pass
+
+    @main.command()
+    def read() -> None:
+        garbled.read_text(encoding="utf-8")
+
+    result = CliRunner().invoke(main, ["read"])
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)
+    assert result.output.strip().count("\n") == 0 and "not UTF-8" in result.output, result.output
