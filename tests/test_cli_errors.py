@@ -139,3 +139,36 @@ def test_the_last_resort_turns_text_that_is_not_utf8_into_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert not isinstance(result.exception, UnicodeDecodeError)
     assert result.output.strip().count("\n") == 0 and "not UTF-8" in result.output, result.output
+
+
+@pytest.mark.parametrize("parent_is", ["missing", "a file"])
+def test_bundle_export_into_no_directory_names_the_out_path_and_fetches_nothing(proxy, origin, archives, tmp_path,
+                                                                                parent_is):
+    model = origin.register(archives.small)
+    assert proxy.get(f"/{model.handle}")[0] == 200
+    parent = tmp_path / "nodir"
+    if parent_is == "a file":
+        parent.write_text("a file, not a directory")
+    out = parent / "b.tar"
+    result = run_cli("bundle", "export", "--out", out, "--cache-dir", proxy.cache_dir,
+                     f"https://tfhub.dev/{model.handle}")
+    _one_line_naming(result, out, "does not exist" if parent_is == "missing" else "not a directory")
+    assert ".part" not in result.stderr and "fetching" not in result.stderr
+    assert parent.is_file() if parent_is == "a file" else not parent.exists()
+
+
+def test_keys_generate_beside_a_file_says_it_is_no_directory(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("a file, not a directory")
+    result = run_cli("keys", "generate", "--out", a_file / "k.pem")
+    _one_line_naming(result, a_file, "not a directory")
+    assert "does not exist" not in result.stderr
+
+
+@pytest.mark.parametrize("ca_dir", ["afile", "afile/ca"])
+def test_ca_init_into_a_file_says_the_ca_dir_is_no_directory(tmp_path, ca_dir):
+    (tmp_path / "afile").write_text("a file, not a directory")
+    result = run_cli("ca", "init", "--ca-dir", tmp_path / ca_dir)
+    _one_line_naming(result, tmp_path / ca_dir, "not a directory")
+    assert "File exists" not in result.stderr
+    assert (tmp_path / "afile").read_text() == "a file, not a directory"

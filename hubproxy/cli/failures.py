@@ -83,6 +83,17 @@ def path_problem(directory: Path, role: str) -> str | None:
     return None
 
 
+def check_file_target(path: Path, option: str) -> None:
+    """Fail naming `path` unless its directory exists and takes a new file (commands that write one
+    file never create its directory: a typo there is the operator's, said before any work is done)."""
+    where = f"{option} {path}:"
+    problem = path_problem(path.parent, where)
+    if problem is None and not path.parent.is_dir():
+        problem = f"{where} directory {path.parent} does not exist"
+    if problem:
+        fail(problem)
+
+
 @contextlib.contextmanager
 def directory_errors(directory: Path, role: str) -> Iterator[None]:
     """Environment errors inside become one line saying what is wrong with `directory`."""
