@@ -57,3 +57,17 @@ def test_the_layout_table_lists_every_module_in_its_room_and_no_other():
         unlisted, gone = present[room] - listed[room], listed[room] - present[room]
         assert not unlisted, f"README's Layout row {shown} does not list {sorted(unlisted)}"
         assert not gone, f"README's Layout row {shown} lists {sorted(gone)}, which do not exist"
+
+
+def _toml_key(cell: str) -> str:
+    """'`listen` / `HUBPROXY_LISTEN`' → 'listen'; '`[upstreams]` table / …' → 'upstreams'."""
+    return re.findall(r"`([^`]+)`", cell)[0].strip("[]")
+
+
+def test_the_configuration_table_has_a_row_for_every_setting():
+    rows = _table_rows(_section("Configuration").partition("\n### ")[0])
+    documented = {_toml_key(key_and_variable) for _, key_and_variable, _ in rows}
+    missing = [f.name for f in dataclasses.fields(Settings) if f.name not in documented]
+    assert not missing, f"README's Configuration table has no row for: {missing}"
+    unknown = documented - {f.name for f in dataclasses.fields(Settings)}
+    assert not unknown, f"README's Configuration table documents settings that do not exist: {sorted(unknown)}"
