@@ -172,3 +172,20 @@ def test_ca_init_into_a_file_says_the_ca_dir_is_no_directory(tmp_path, ca_dir):
     _one_line_naming(result, tmp_path / ca_dir, "not a directory")
     assert "File exists" not in result.stderr
     assert (tmp_path / "afile").read_text() == "a file, not a directory"
+
+
+@pytest.mark.parametrize("typed, why", [
+    ("bad handle", "spaces"),
+    ("google/x/1", "neither a handle URL"),
+    ("ftp:/google/x/1", "no upstream"),
+    ("https://tfhub.dev/google", "tfhub.dev"),
+    ("tfhub:/google/x/1\nX", "control characters"),
+    ("tfhub:/google/$(x)*", "no glob"),
+])
+def test_cache_commands_refuse_a_handle_or_glob_the_admin_api_refuses(tmp_path, typed, why):
+    """The same check as POST /admin/purge's: a typo is named, never a silent 'removed 0 entries'."""
+    cache = tmp_path / "cache"
+    Store(cache).close()
+    for command in (["purge"], ["purge", "--dry-run"], ["pin"], ["unpin"], ["evict"]):
+        result = run_cli("cache", *command, "--cache-dir", cache, typed)
+        _one_line_naming(result, typed.splitlines()[0], why)
