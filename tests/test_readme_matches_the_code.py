@@ -17,7 +17,7 @@ NOT_MODULES = ("__init__", "__main__")  # a package's own files, not rooms' modu
 def _section(title: str) -> str:
     """The text of README's `## title` section, up to the next section of that level."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     assert match, f"README has no '## {title}' section"
     return match.group(1)
 

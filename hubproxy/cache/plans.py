@@ -14,8 +14,16 @@ import re
 import time
 from dataclasses import dataclass
 
-from ..handles import FILES_PATH, KAGGLE_FILE, UPSTREAM_NAMES, BadHandle, handle_from_key, parse_handle_url, \
-    parse_kaggle_file, parse_request_target
+from ..handles import (
+    FILES_PATH,
+    KAGGLE_FILE,
+    UPSTREAM_NAMES,
+    BadHandle,
+    handle_from_key,
+    parse_handle_url,
+    parse_kaggle_file,
+    parse_request_target,
+)
 from .store import Entry
 
 GLOB_CHARS = "*?["

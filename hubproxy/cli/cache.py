@@ -24,8 +24,15 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import config_option, json_option, on_read_only_mount, opened_cache, parsed, setting_option, \
-    settings_or_exit
+from .common import (
+    config_option,
+    json_option,
+    on_read_only_mount,
+    opened_cache,
+    parsed,
+    setting_option,
+    settings_or_exit,
+)
 from .failures import exit_if_found, fail
 
 
