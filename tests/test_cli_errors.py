@@ -1,6 +1,7 @@
 """The command line never prints a traceback: a bad path, an unopenable or read-only cache dir, a
-missing key directory each end in one line naming the path at fault, with exit status 2 (the
-operator's error), while 1 stays for findings (a failed handle, a bad blob)."""
+missing key directory, a file that is not UTF-8 text, a handle the admin API would refuse each end
+in one line naming the path (or text) at fault, with exit status 2 (the operator's error), while 1
+stays for findings (a failed handle, a bad blob)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def test_a_config_file_that_is_not_utf8_is_named_by_serve_and_every_cache_comman
     config.write_bytes(b'cache_dir = "' + NOT_UTF8 + b'"\n')
     for result in _every_command(tmp_path / "cache", "--config", config):
         _one_line_naming(result, config, "not UTF-8")
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("command", [["warmup", "--tfhub-dir", "{tmp}/tfhub"],
