@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from ..config import Settings
 from ..tls import authority, names, trust
 from .common import config_option, setting_option, settings_or_exit
-from .failures import fail
+from .failures import fail, path_problem
 
 _OUT_HELP = "Where the bundle goes (the system trust store plus the CA)."
 
@@ -74,6 +74,9 @@ def ca_init(ca_dir, config_file, force, hosts) -> None:
       hubproxy ca init --ca-dir /etc/hubproxy/ca --host models.example.org --force
     """
     directory, settings = _settings(ca_dir, config_file)
+    problem = path_problem(directory, "CA dir")
+    if problem:
+        fail(problem)
     redirect_hosts = names.redirect_host_names(settings.allow_redirect_hosts)
     constrained = (*authority.INTERCEPTED_HOSTS, *redirect_hosts, *hosts)
     try:
