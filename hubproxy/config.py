@@ -60,6 +60,7 @@ class Settings:
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
     header_timeout: str = "30s"  # a request head must arrive within this (408 otherwise); bytes do not extend it
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
+    drain_timeout: str = "60s"  # on SIGTERM/SIGINT, busy connections may finish within this; then they are cut
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
 
@@ -86,6 +87,10 @@ class Settings:
     @property
     def keepalive_timeout_seconds(self) -> float:
         return parse_duration(self.keepalive_timeout)
+
+    @property
+    def drain_timeout_seconds(self) -> float:
+        return parse_duration(self.drain_timeout)
 
     @property
     def upstream_min_rate_bytes(self) -> int:
@@ -222,7 +227,7 @@ def _validate(settings: Settings) -> None:
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
     for name in ("kaggle_metadata_ttl", "header_timeout", "keepalive_timeout", "upstream_rate_window",
-                 "upstream_headers_deadline"):
+                 "upstream_headers_deadline", "drain_timeout"):
         try:
             seconds = getattr(settings, f"{name}_seconds")
         except ValueError as e:

@@ -49,6 +49,9 @@ from .failures import fail, reason
                 metavar="DURATION")
 @setting_option("--keepalive-timeout", "keepalive_timeout", "How long an idle keep-alive connection stays open; a "
                 "unit is required (75s, 2m).", "75s", metavar="DURATION")
+@setting_option("--drain-timeout", "drain_timeout", "On SIGTERM or SIGINT, how long busy connections may finish "
+                "their transfers (new ones are refused at once); then they are cut. A unit is required (60s, 5m; "
+                "0s: cut at once).", "60s", metavar="DURATION")
 @setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
                 "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
                 "at start.", "0", type=int)
@@ -61,7 +64,8 @@ from .failures import fail, reason
 @setting_option("--tunnel", "tunnel", "With --intercept: a host glob a CONNECT may reach as a plain tunnel, never "
                 "inspected. Repeatable.", multiple=True, metavar="HOST_GLOB")
 def serve(config_file, **flags) -> None:
-    """Serve the mirror until interrupted (SIGINT or SIGTERM).
+    """Serve the mirror until SIGTERM or SIGINT, then drain: new connections are refused, busy ones
+    finish within --drain-timeout (a second signal cuts them at once), and the exit status is 0.
 
     \b
     Example:
