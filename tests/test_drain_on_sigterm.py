@@ -1,7 +1,8 @@
 """SIGTERM (or SIGINT) drains the proxy: /readyz turns 503, new connections are refused, idle
 keep-alive connections close, and every transfer under way (hits sent with sendfile, misses
-following their flight) finishes whole before the process exits 0; at drain_timeout, or on a
-second signal, what is left is cut (an incomplete body, never a clean one) and nothing is stored."""
+following their flight, requests inside intercepted TLS) finishes whole before the process exits
+0; at drain_timeout, or on a second signal, what is left (a plain tunnel too) is cut: an incomplete
+body, never a clean one, and nothing stored."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import http.client
 import json
 import signal
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -24,6 +27,7 @@ HIT_SIZE = 16 << 20  # far more than a socket's buffers hold: a hit to a client 
 SMALL_RCVBUF = 64 * 1024
 FIRST_BYTES = 64 * 1024
 WAIT_SECONDS = 120
+ESTABLISHED = "01"  # a TCP state in /proc/net/tcp
 
 
 @dataclasses.dataclass
@@ -90,28 +94,41 @@ def _start(proxy: Proxy, downloads: list[Download]) -> tuple[list[threading.Thre
     return threads, go
 
 
-def _read_by_proxy(proxy: Proxy, client: socket.socket) -> bool:
-    """Whether the proxy has read every byte this client sent (its socket's receive queue is empty,
-    /proc/net/tcp): it has then seen them, as the event loop reads and hands on in one step."""
-    proxy_port, client_port = _address(proxy)[1], client.getsockname()[1]
+def _proxy_end(proxy: Proxy, client_port: int) -> tuple[str, int] | None:
+    """The proxy's end of the connection from client_port in /proc/net/tcp: (TCP state, bytes it
+    has not read yet); None once it is closed."""
+    proxy_port = _address(proxy)[1]
     with open("/proc/net/tcp") as table:
         for row in table.read().splitlines()[1:]:
             fields = row.split()
             local_port, remote_port = (int(address.split(":")[1], 16) for address in fields[1:3])
-            if (local_port, remote_port) == (proxy_port, client_port):
-                return int(fields[4].split(":")[1], 16) == 0
-    return False
+            if (local_port, remote_port) == (proxy_port, client_port) and fields[3] == ESTABLISHED:
+                return fields[3], int(fields[4].split(":")[1], 16)
+    return None
 
 
-def _wait_until(predicate, what: str) -> None:
+def _read_by_proxy(proxy: Proxy, client: socket.socket) -> bool:
+    """Whether the proxy has read every byte this client sent: it has then seen them, as the event
+    loop reads and hands on in one step."""
+    return _proxy_end(proxy, client.getsockname()[1]) == (ESTABLISHED, 0)
+
+
+def _closed_by_proxy(proxy: Proxy, client_port: int) -> bool:
+    """Whether the proxy has closed its end (after forgetting the connection: asyncio closes the
+    socket last)."""
+    return _proxy_end(proxy, client_port) is None
+
+
+def _wait_until(predicate: Callable[[], bool], what: Callable[[], str]) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
     while not predicate():
-        assert time.monotonic() < deadline, f"never: {what}"
+        assert time.monotonic() < deadline, f"never: {what()}"
         time.sleep(0.02)
 
 
 def _wait_for_log(proxy: Proxy, text: str) -> None:
-    _wait_until(lambda: text in proxy.log.read_text(), f"the proxy logs {text!r}\n{proxy.log.read_text()[-3000:]}")
+    _wait_until(lambda: text in proxy.log.read_text(),
+                lambda: f"the proxy logs {text!r}\n{proxy.log.read_text()[-3000:]}")
 
 
 def _refused(proxy: Proxy) -> bool:
@@ -158,7 +175,7 @@ def test_sigterm_lets_every_transfer_finish_and_refuses_new_connections(proxy_fa
     proxy.wait_for_metric("hubproxy_flight_readers", MISS_CLIENTS)
     assert proxy.metric("hubproxy_cache_bytes_served_total") == 0  # no hit has been sent whole
     kept_alive.sendall(b"GET /readyz HTTP/1.1\r\nHost: mirror\r\n")  # a head arriving as the signal does
-    _wait_until(lambda: _read_by_proxy(proxy, kept_alive), "the proxy reads the head's first lines")
+    _wait_until(lambda: _read_by_proxy(proxy, kept_alive), lambda: "the proxy reads the head's first lines")
 
     proxy.process.send_signal(signal.SIGTERM)
     _wait_for_log(proxy, f"stopping on SIGTERM: new connections refused, {MISS_CLIENTS + HIT_CLIENTS + 1} busy")
@@ -232,3 +249,50 @@ def test_a_second_signal_cuts_the_drain_short(proxy_factory, held_stand_in, clea
     proxy.process.send_signal(signal.SIGINT)
 
     _assert_cut_and_nothing_stored(proxy, response, "second stop signal (SIGINT): cut 1 busy connections")
+
+
+def _tunnel(proxy: Proxy, target: str) -> socket.socket:
+    """A plain --tunnel through the proxy's CONNECT to target, one request answered through it."""
+    sock = _connect(proxy)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    established = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+    assert sock.recv(len(established), socket.MSG_WAITALL) == established
+    sock.sendall(f"GET /through HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    assert b"canary" in response.read()
+    return sock
+
+
+def test_an_intercepted_transfer_finishes_and_a_plain_tunnel_holds_the_drain_until_cut(
+        proxy_factory, held_stand_in, clean_origin, stand_in, tmp_path):
+    ca = tmp_path / "ca"
+    assert run_cli("ca", "init", "--ca-dir", ca).returncode == 0
+    canary = clean_origin.urls["canary"].removeprefix("http://")
+    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
+                          "--drain-timeout", "1h")
+    host, port = _address(proxy)
+    intercepted = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=ca / "ca.pem"),
+                                              timeout=WAIT_SECONDS)
+    intercepted.set_tunnel("tfhub.dev", 443)
+    intercepted.request("GET", f"/{held_stand_in.handle}")
+    response = intercepted.getresponse()
+    body = response.read(FIRST_BYTES)
+    tunnel = _tunnel(proxy, canary)
+
+    proxy.process.send_signal(signal.SIGTERM)
+    _wait_for_log(proxy, "stopping on SIGTERM: new connections refused, 2 busy")
+    clean_origin.release()
+    body += response.read()
+    assert intercepted.sock.recv(1) == b""  # the proxy's TLS close_notify, after the response
+    client_port = intercepted.sock.getsockname()[1]
+    intercepted.close()
+    _wait_until(lambda: _closed_by_proxy(proxy, client_port), lambda: "the proxy forgets the intercepted connection")
+    proxy.process.send_signal(signal.SIGINT)  # the tunnel alone holds the drain: it is cut now
+
+    assert body == stand_in.read_bytes()
+    assert tunnel.recv(1) == b""
+    assert _exit_status(proxy) == 0
+    assert "second stop signal (SIGINT): cut 1 busy connections" in proxy.log.read_text()
+    _assert_no_traceback(proxy)
+    assert _cache_entries(proxy)[STAND_IN_SIZE]["sha256"] == hashlib.sha256(body).hexdigest()
