@@ -5,7 +5,8 @@ refused); idle connections close at once and busy ones after their current respo
 transfer running to its end (a miss's flight with it) until drain_timeout, when what is left is
 cut, as it is at once by a second signal; either way one line says how many were cut, the caller
 then stops the components, and the exit status is 0: the stop was asked for. A process needs
-nothing else to drain: a worker drains itself on the SIGTERM its parent sends it.
+nothing else to drain: a worker drains itself on the SIGTERM its parent sends it (a terminal's
+Ctrl-C reaches the whole process group: forwarded to workers that got it too, it is their second).
 """
 
 from __future__ import annotations

@@ -183,9 +183,9 @@ class Connection(asyncio.Protocol):
 
     def drain(self) -> bool:
         """Stopping: an idle connection closes now (True). A busy one stays open (False) until its
-        current response is sent: aiohttp closes it then, told here when that response may
-        already be under way, and by the response's Connection: close when its head is still
-        arriving (lifecycle.py). A plain tunnel stays open until its client closes it or it is cut."""
+        current response is sent, then aiohttp closes it: told so here when that response may be
+        under way already, or by the Connection: close its response gets (lifecycle.py) when its
+        head is still arriving. A plain tunnel stays open until its client closes it or it is cut."""
         if self._http and self._state == IDLE:
             # Idle since its last response left the handler: aiohttp writes such a response to the
             # transport without waiting on anything but the buffer, and close() sends the buffer first.
