@@ -1,12 +1,14 @@
 """Replicas behind haproxy (deploy/lb/haproxy.cfg, run as is): consistent hashing on the handle path
 sends every client of a model to one replica, so 32 clients cost one origin GET per model; a replica
-that stops hands only its models to the next owner, and later clients see no error."""
+stopped mid-run (SIGTERM) finishes the downloads it was serving, leaves the pool (its /readyz), and
+hands only its models to the next owner: later clients see no error."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -93,6 +95,30 @@ def _fetch_all(base: str, models, expected: dict[str, str]) -> dict[str, set[str
     return owners
 
 
+class _Download(threading.Thread):
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.result = url, None
+        self.start()
+
+    def run(self) -> None:
+        status, _, body = http_request(self.url)
+        self.result = (status, body)
+
+    def outcome(self):
+        self.join(timeout=120)
+        return self.result
+
+
+def _model_owned_by(origin, archive: Path, replica: str, base: str):
+    """A new model whose handle haproxy's hash sends to replica (a HEAD tells, fetching no archive)."""
+    while True:
+        model = origin.register(archive)
+        _, headers, _ = http_request(f"{base}/{model.handle}", method="HEAD")
+        if headers.get("X-Hubproxy-Replica") == replica:
+            return model
+
+
 def test_lb_configs_pass_their_linters(tmp_path):
     env = _lb_env(tmp_path, [f"127.0.0.1:{port}" for port in (1, 2, 3)])
     checked = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], env=env, capture_output=True, text=True)
@@ -134,8 +160,17 @@ def test_cluster_fetches_each_model_once_and_survives_a_lost_replica(proxy_facto
             owner.update({h: a.pop() for h, a in _fetch_all(base, [extra], expected).items()})
 
         lost = owner[models[0].handle]
-        replicas[names.index(lost)].stop()
+        inflight = _model_owned_by(origin, archives.padded, lost, base)
+        origin.faults(inflight, hold_after=archives.padded.stat().st_size // 2)
+        downloads = [_Download(f"{base}/{inflight.handle}") for _ in range(4)]
+        origin.wait_held(1)
+        replicas[names.index(lost)].wait_for_metric("hubproxy_flight_readers", len(downloads))
+        replicas[names.index(lost)].process.send_signal(signal.SIGTERM)  # mid-run: it drains what it serves
         _wait_for_states(sock, {lost: 0}, haproxy)
+        origin.release()
+        for download in downloads:
+            assert download.outcome() == (200, archives.padded.read_bytes()), "a download in flight was cut"
+        assert replicas[names.index(lost)].process.wait(timeout=60) == 0
 
         after = _fetch_all(base, models, expected)
         for model in models:
