@@ -27,6 +27,9 @@ from aiohttp import web
 from .fdtable import Burst
 
 HEAD_END = b"\r\n\r\n"
+# How long a closing TLS connection waits for the client's close_notify (asyncio's default, 30s, would
+# hold a drain that long for every intercepted client that never sends one).
+TLS_CLOSE_SECONDS = 5.0
 IDLE, HEAD, REQUEST = "idle", "head", "request"  # between requests; a head arriving; a request being answered
 
 
@@ -163,7 +166,8 @@ class Connection(asyncio.Protocol):
         raw = self.transport
         try:
             tls = await asyncio.get_running_loop().start_tls(raw, self, context, server_side=True,
-                                                             ssl_handshake_timeout=handshake_timeout)
+                                                             ssl_handshake_timeout=handshake_timeout,
+                                                             ssl_shutdown_timeout=TLS_CLOSE_SECONDS)
         except BaseException:
             raw.abort()
             self._leave()  # the TLS layer never reports a loss for a handshake that failed
