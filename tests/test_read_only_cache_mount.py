@@ -4,6 +4,7 @@ read-only `cache` commands give their normal output; writing ones, and a plain s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from tests.conftest import ROOT, _quiet_env, run_cli
 from tests.test_cache_disk_full import small_disk  # noqa: F401  (the tmpfs fixture, mounted per test)
 
 
-def _tree(directory) -> dict[str, tuple[int, float]]:
-    """Every path below directory → (size, mtime): any write through the mount shows as a change."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in sorted(directory.rglob("*"))}
+def _tree(directory) -> dict[str, tuple[int, float, str]]:
+    """Every path below directory → (size, mtime, sha256 of a file's bytes): any write through the
+    mount shows as a change."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+                     else "") for p in sorted(directory.rglob("*"))}
 
 
 @pytest.fixture
@@ -51,6 +54,32 @@ def test_serve_read_only_serves_hits_and_passes_misses_through_unstored(seeded, 
     assert (miss[0], miss[1]["X-Cache"], miss[2]) == (200, "MISS", archives.padded.read_bytes())
     _no_traceback(proxy)
     assert _tree(small_disk.cache_dir) == before, "nothing written: no temp file, no hit count, no housekeeping"
+
+
+def _cache_state(proxy) -> dict[str, float]:
+    """The exported samples that tell an operator whether the cache takes writes, and why not."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = ("hubproxy_cache_read_only", "hubproxy_cache_writable", "hubproxy_cache_write_errors_total")
+    text = proxy.get("/metrics")[2].decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name in wanted}
+
+
+def test_a_read_only_serve_exports_read_only_and_never_unwritable(seeded, proxy_factory, clean_origin, small_disk,
+                                                                  archives):  # noqa: F811
+    """Read-only by design is no fault: the cache-unwritable alert (hubproxy_cache_writable == 0)
+    must not fire, while hubproxy_cache_read_only shows the state."""
+    proxy = proxy_factory(small_disk.cache_dir, "--read-only")
+    fresh = clean_origin.register(archives.padded)
+    assert proxy.get(f"/{fresh.handle}")[1]["X-Cache"] == "MISS"  # passed through, refused by design
+    assert proxy.metric("hubproxy_passthrough_fetches_total") == 1
+
+    assert _cache_state(proxy) == {"hubproxy_cache_read_only": 1, "hubproxy_cache_writable": 1}
+
+
+def test_a_writable_serve_exports_read_only_0(proxy, clean_origin):
+    assert _cache_state(proxy) == {"hubproxy_cache_read_only": 0, "hubproxy_cache_writable": 1}
 
 
 def test_serve_read_only_offline_answers_a_miss_504(seeded, proxy_factory, clean_origin, small_disk,  # noqa: F811
