@@ -66,8 +66,8 @@ def _cache_state(proxy) -> dict[str, float]:
             for sample in family.samples if sample.name in wanted}
 
 
-def test_a_read_only_serve_exports_read_only_and_never_unwritable(seeded, proxy_factory, clean_origin, small_disk,
-                                                                  archives):  # noqa: F811
+def test_a_read_only_serve_exports_read_only_and_never_unwritable(seeded, proxy_factory, clean_origin,
+                                                                  small_disk, archives):  # noqa: F811
     """Read-only by design is no fault: the cache-unwritable alert (hubproxy_cache_writable == 0)
     must not fire, while hubproxy_cache_read_only shows the state."""
     proxy = proxy_factory(small_disk.cache_dir, "--read-only")
@@ -104,12 +104,38 @@ def test_read_only_cache_commands_work_and_write_commands_are_one_line(seeded, s
     assert stats.returncode == 0 and json.loads(stats.stdout)["entries"] == 1, stats.stderr
     verified = run_cli("cache", "verify", "--cache-dir", small_disk.cache_dir)
     assert (verified.returncode, verified.stdout.strip()) == (0, "checked; 0 bad blobs"), verified.stderr
-    for command in (["purge", f"tfhub:/{cached.handle}"], ["pin", f"tfhub:/{cached.handle}"]):
+    for command in (["purge", f"tfhub:/{cached.handle}"], ["pin", f"tfhub:/{cached.handle}"],
+                    ["evict", "--max-size", "0B"]):
         result = run_cli("cache", *command, "--cache-dir", small_disk.cache_dir)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert str(small_disk.cache_dir) in lines[0] and "read-only" in lines[0]
     assert _tree(small_disk.cache_dir) == before
+
+
+@pytest.mark.parametrize("plan", [["evict", "--max-size", "0B"], ["evict", "--older-than", "0s"],
+                                  ["evict", "tfhub:/*"], ["purge", "tfhub:/*"]])
+def test_dry_runs_plan_on_a_read_only_cache_writing_nothing(seeded, small_disk, plan):  # noqa: F811
+    cached, before = seeded
+    result = run_cli("cache", *plan, "--dry-run", "--cache-dir", small_disk.cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"would remove tfhub:/{cached.handle}"]
+    assert _tree(small_disk.cache_dir) == before
+
+
+def test_bundle_export_reads_a_read_only_cache(seeded, small_disk, archives, tmp_path):  # noqa: F811
+    cached, before = seeded
+    bundle, elsewhere = tmp_path / "models.tar", tmp_path / "imported-cache"
+    exported = run_cli("bundle", "export", "--out", bundle, "--cache-dir", small_disk.cache_dir,
+                       f"https://tfhub.dev/{cached.handle}")
+    assert exported.returncode == 0, exported.stderr
+    assert _tree(small_disk.cache_dir) == before
+
+    imported = run_cli("bundle", "import", bundle, "--allow-unsigned", "--cache-dir", elsewhere)
+    assert imported.returncode == 0, imported.stderr
+    listed = json.loads(run_cli("cache", "ls", "--json", "--cache-dir", elsewhere).stdout)
+    digest = hashlib.sha256(archives.small.read_bytes()).hexdigest()
+    assert [(e["key"], e["sha256"]) for e in listed] == [(f"tfhub:/{cached.handle}", digest)]
 
 
 def test_plain_serve_on_a_read_only_mount_says_so_in_one_line_suggesting_read_only(seeded, small_disk):  # noqa: F811
