@@ -10,9 +10,10 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from yarl import URL
 
@@ -36,6 +37,12 @@ class ConfigError(ValueError):
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hubproxy")
+
+
+def _parsed(setting: str, parse: Callable[[str], float]) -> property:
+    """A read-only property: the text setting `setting` in seconds or bytes, through a units parser."""
+    return property(lambda settings: parse(getattr(settings, setting)),
+                    doc=f"{setting} through {parse.__name__} (a malformed value raises ValueError)")
 
 
 @dataclass(frozen=True)
@@ -83,29 +90,12 @@ class Settings:
     def ca_path(self) -> Path | None:
         return None if self.ca_dir is None else Path(self.ca_dir).expanduser()
 
-    @property
-    def kaggle_metadata_ttl_seconds(self) -> float:
-        return parse_duration(self.kaggle_metadata_ttl)
-
-    @property
-    def header_timeout_seconds(self) -> float:
-        return parse_duration(self.header_timeout)
-
-    @property
-    def keepalive_timeout_seconds(self) -> float:
-        return parse_duration(self.keepalive_timeout)
-
-    @property
-    def upstream_min_rate_bytes(self) -> int:
-        return parse_size(self.upstream_min_rate)
-
-    @property
-    def upstream_rate_window_seconds(self) -> float:
-        return parse_duration(self.upstream_rate_window)
-
-    @property
-    def upstream_headers_deadline_seconds(self) -> float:
-        return parse_duration(self.upstream_headers_deadline)
+    kaggle_metadata_ttl_seconds = _parsed("kaggle_metadata_ttl", parse_duration)
+    header_timeout_seconds = _parsed("header_timeout", parse_duration)
+    keepalive_timeout_seconds = _parsed("keepalive_timeout", parse_duration)
+    upstream_min_rate_bytes = _parsed("upstream_min_rate", parse_size)
+    upstream_rate_window_seconds = _parsed("upstream_rate_window", parse_duration)
+    upstream_headers_deadline_seconds = _parsed("upstream_headers_deadline", parse_duration)
 
     def upstream_base(self, name: str) -> str:
         """The base URL name's requests go to: the first parent (whose mirror URL space is the
@@ -148,6 +138,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); TOML files are UTF-8") from None
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import base64
 import calendar
 import email.utils
 import functools
+import gzip
 import hashlib
 import hmac
 import json
@@ -354,8 +355,25 @@ async def encoded_object(blob: Blob, switches: dict) -> web.Response:
     return web.Response(body=body, headers=misbehaving_headers(headers, switches))
 
 
+CANARY_GZIP = gzip.compress(b"canary " * 100, mtime=0)
+
+
 def make_canary_app(state: State) -> web.Application:
+    """A host nothing should reach unless a test means it to: "canary" on every path, except the
+    paths a test of plain forwarding asks for (what arrived, a redirect, a gzip-encoded body)."""
+
     async def canary(request):
+        if request.path == "/_echo":
+            return web.json_response({"method": request.method, "target": request.raw_path,
+                                      "headers": list(request.headers.items()),
+                                      "body": (await request.read()).decode(errors="replace")},
+                                     headers={"Connection": "X-Canary-Hop", "X-Canary-Hop": "dropped",
+                                              "Keep-Alive": "timeout=5", "X-Canary-End": "kept",
+                                              "Set-Cookie": "canary=seen"})
+        if request.path == "/_redirect":
+            return found("/_elsewhere")
+        if request.path == "/_gzip":
+            return web.Response(body=CANARY_GZIP, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
         return web.Response(text="canary")
 
     app = web.Application()

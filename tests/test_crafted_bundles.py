@@ -234,7 +234,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 
 def _import(bundle_file: Path, target: Path, signed: bool) -> list[str]:
-    """What `hubproxy bundle import --cache-dir TARGET` does, through the same library calls."""
+    """What `hubproxy bundle import --tfhub-dir TARGET` does, through the same library calls."""
     public = KEY.public_key() if signed else None
     verified = bundle.verify(bundle_file, target / f".hubproxy-import-{uuid.uuid4().hex}", public,
                              allow_unsigned=not signed)

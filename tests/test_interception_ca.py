@@ -213,6 +213,38 @@ def test_init_constrains_the_ca_to_extra_hosts_too(tmp_path):
     assert set(permitted) == {"tfhub.dev", "kaggle.com", "storage.googleapis.com", "models.example.org"}
 
 
+def _ca_init_with_env(directory: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hubproxy", "ca", "init", "--ca-dir", str(directory)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=_quiet_env(**env), check=False)
+
+
+def test_init_constrains_the_ca_to_the_configured_redirect_hosts(tmp_path):
+    directory = tmp_path / "ca"
+
+    result = _ca_init_with_env(directory, HUBPROXY_ALLOW_REDIRECT_HOSTS="dl.example.org,storage.googleapis.com")
+
+    assert result.returncode == 0, result.stderr
+    assert set(authority.load(directory).permitted) == {"tfhub.dev", "kaggle.com", "storage.googleapis.com",
+                                                        "dl.example.org"}
+
+
+def test_a_redirect_host_with_a_port_or_an_ip_address_does_not_stop_init(tmp_path):
+    """allow_redirect_hosts takes HOST[:PORT] and IP literals; a name constraint is a bare DNS name,
+    and the CA excludes every IP address anyway."""
+    directory = tmp_path / "ca"
+
+    result = _ca_init_with_env(directory, HUBPROXY_ALLOW_REDIRECT_HOSTS="dl.example.org:8443,10.0.0.5,"
+                                                                        "DL.example.org,[::1]:8443")
+
+    assert result.returncode == 0, result.stderr
+    cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    permitted = [n.value for n in constraints.permitted_subtrees]
+    assert sorted(permitted) == ["dl.example.org", "kaggle.com", "storage.googleapis.com", "tfhub.dev"]
+    assert {n.value for n in constraints.excluded_subtrees} == {ipaddress.ip_network("0.0.0.0/0"),
+                                                                ipaddress.ip_network("::/0")}
+
+
 @pytest.mark.parametrize("bad", ["*.example.org", "10.0.0.1", "https://example.org", "exa mple.org", "", "::1"])
 def test_init_refuses_a_host_that_is_no_dns_name_and_writes_nothing(tmp_path, bad):
     directory = tmp_path / "ca"

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests import test_interception, test_origin_kaggle_api
+from tests.conftest import run_cli
 from tests.test_origin_kaggle_api import (BIG, MEMBERS, RPC_PATH, download_location, downloaded, kagglehub_process,
                                           md5s)
 
@@ -82,6 +83,23 @@ def test_kagglehub_without_a_version_asks_the_latest_and_gets_it(mirror, clean_o
     assert {r["body"]["versionNumber"] for r in clean_origin.rpcs("ListModelInstanceVersionFiles")} == {2}
 
 
+def test_a_versions_file_list_is_kept_for_ever_while_the_latest_version_expires(
+        proxy_factory, clean_origin, archive, members, ca, tmp_path):
+    """With a TTL of 0s, GetModelInstance (which version is the latest) goes upstream every time,
+    but the file list of a given version never does again: a version's files don't change."""
+    model = clean_origin.register(archive)
+    mirror = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--kaggle-metadata-ttl", "0s",
+                           upstreams=_upstreams(clean_origin))
+
+    files = downloaded(run_kagglehub(mirror, ca, model.kaggle_instance_handle, tmp_path / "kh-a"))
+    again = downloaded(run_kagglehub(mirror, ca, model.kaggle_instance_handle, tmp_path / "kh-b"))
+
+    assert files == again == md5s(members)
+    assert len(clean_origin.rpcs("GetModelInstance")) == 2, "the latest version is asked again once the TTL is over"
+    assert [r["body"]["versionNumber"] for r in clean_origin.rpcs("ListModelInstanceVersionFiles")] == [1], \
+        "a version's file list went upstream once"
+
+
 def test_the_redirect_names_the_mirror_never_the_signed_url(mirror, clean_origin, archive, members):
     model = clean_origin.register(archive)
     body = {**INSTANCE, "modelSlug": model.model, "versionNumber": 1, "path": BIG}
@@ -130,6 +148,25 @@ def test_a_file_two_versions_share_is_stored_once(mirror, clean_origin, archive,
     blobs = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
     assert sorted(p.name for p in blobs) == sorted({hashlib.sha256(members[path]).hexdigest() for path in MEMBERS})
     assert len(clean_origin.storage_gets(first)) == len(clean_origin.storage_gets(second)) == len(MEMBERS)
+
+
+def test_an_archive_fetched_by_its_tfhub_handle_and_by_kagglehub_is_stored_once(mirror, clean_origin, archive, ca,
+                                                                                tmp_path):
+    """More than 25 files: kagglehub takes the archive (DownloadModelInstanceVersion without a path),
+    the very bytes tensorflow_hub got by the tfhub handle; two keys name them, one blob holds them."""
+    model = clean_origin.register(archive, extra_files=30)
+    status, headers, tfhub_bytes = mirror.get(f"/{model.handle}?tf-hub-format=compressed")
+    assert (status, headers["X-Cache"]) == (200, "MISS")
+
+    files = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh"))
+
+    assert len(files) == len(MEMBERS) + 30
+    blobs = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in blobs] == [hashlib.sha256(tfhub_bytes).hexdigest()]
+    keys = run_cli("cache", "ls", "--json", "--cache-dir", tmp_path / "cache")
+    assert keys.returncode == 0, keys.stderr
+    assert sorted(entry["key"] for entry in json.loads(keys.stdout)) == [
+        f"kaggle-file:/google/{model.model}/tensorFlow2/default/1", f"tfhub:/{model.handle}"]
 
 
 def test_a_file_that_does_not_match_its_x_goog_hash_is_cut_and_never_stored(mirror, clean_origin, archive, members):
@@ -287,17 +324,33 @@ def test_a_relayed_download_keeps_its_encoding_and_gets_a_clean_content_type(mir
     assert answer.content == members[BIG]  # as requests decodes it
 
 
-def test_a_token_for_a_public_model_is_served_from_the_cache(mirror, clean_origin, archive, members, ca, tmp_path):
+def test_a_token_for_a_public_model_is_served_from_the_cache(proxy_factory, mirror, clean_origin, archive, members,
+                                                             ca, tmp_path):
+    """Checked once: the anonymous check is remembered per version, on disk, so neither a second
+    client nor a restarted mirror asks upstream again."""
     model = clean_origin.register(archive)
     token = "a-token-the-origin-ignores-" + "7" * 16
 
     first = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh-a", KAGGLE_API_TOKEN=token))
+    checked = _anonymous_rpcs(clean_origin)
     second = downloaded(run_kagglehub(mirror, ca, model.kaggle_handle, tmp_path / "kh-b", KAGGLE_API_TOKEN=token))
+    after_second = _anonymous_rpcs(clean_origin)
+    mirror.stop()
+    restarted = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, upstreams=_upstreams(clean_origin))
+    third = downloaded(run_kagglehub(restarted, ca, model.kaggle_handle, tmp_path / "kh-c", KAGGLE_API_TOKEN=token))
 
-    assert first == second == md5s(members)
+    assert first == second == third == md5s(members)
+    assert checked, "the first client's calls were checked anonymously upstream"
+    assert after_second == checked, "a second client with the token cost no anonymous check"
+    assert _anonymous_rpcs(clean_origin) == checked, "nor did one after a restart: the answer is kept on disk"
     assert len(clean_origin.storage_gets(model)) == len(MEMBERS), "stored once, served from the cache after"
     assert not [r for r in clean_origin.requests() if r["authorization"]], "checked anonymously, never sent on"
     _assert_never_written(token, mirror, tmp_path / "cache")
+    _assert_never_written(token, restarted, tmp_path / "cache")
+
+
+def _anonymous_rpcs(origin) -> list[dict]:
+    return [r for r in origin.rpcs() if not r["authorization"]]
 
 
 def _assert_never_written(token: str, proxy, cache_dir: Path) -> None:

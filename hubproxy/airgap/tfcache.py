@@ -227,8 +227,8 @@ def list_models(tfdir: Path) -> list[CachedModel]:
 def _descriptor_handle(model: Path) -> str | None:
     descriptor = model.with_name(model.name + DESCRIPTOR_SUFFIX)
     try:
-        first = descriptor.read_text().splitlines()[0]
-    except (OSError, IndexError):
+        first = descriptor.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError):  # missing, empty or garbled: the handle is unknown
         return None
     return first.removeprefix("Module: ").strip() if first.startswith("Module: ") else None
 

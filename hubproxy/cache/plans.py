@@ -1,18 +1,35 @@
-"""Choosing what to evict or purge: least recently used first, never a pinned entry.
+"""Choosing what to evict or purge: least recently used first, never a pinned entry; and which
+entries a typed handle or glob names, checked the one way the CLI and the admin API share.
 
 Invariants: pure functions over Entry lists, no I/O; a blob shared by several keys counts once
 and goes only when every key using it goes; the plan never includes a pinned key, nor a key
-whose blob is also named by a pinned key.
+whose blob is also named by a pinned key; a pattern is a normalised handle key or path, or a glob
+of keys or paths, else BadHandle with a one-line reason.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 from dataclasses import dataclass
 
-from ..handles import parse_handle_url
+from ..handles import (
+    FILES_PATH,
+    KAGGLE_FILE,
+    UPSTREAM_NAMES,
+    BadHandle,
+    handle_from_key,
+    parse_handle_url,
+    parse_kaggle_file,
+    parse_request_target,
+)
 from .store import Entry
+
+GLOB_CHARS = "*?["
+_GLOB = re.compile(r"[A-Za-z0-9._\-/:*?\[\]!]+")
+_KEY_KINDS = (*UPSTREAM_NAMES, KAGGLE_FILE)  # what index keys begin with: archives' upstreams, kagglehub's files
+_GLOB_STARTS = ("/", *GLOB_CHARS, *(f"{name}:" for name in _KEY_KINDS))
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,35 @@ def _plan(by_blob: dict[str, list[Entry]], victims: list[str]) -> Plan:
 
 
 def patterns(typed: list[str]) -> list[str]:
-    """What operators type → match patterns: handle URLs become their keys (BadHandle if
-    malformed); keys, mirror paths and globs of either are kept as they are."""
-    return [parse_handle_url(p).key if p.startswith(("http://", "https://")) else p for p in typed]
+    """What operators type → match patterns (see pattern); BadHandle names the first that is none."""
+    return [pattern(text) for text in typed]
+
+
+def pattern(typed: str) -> str:
+    """One typed handle → its match pattern: a URL becomes its key, a literal key or path must
+    name a handle (returned normalised), a glob must be one of keys or paths."""
+    if not typed.isprintable() or any(c.isspace() for c in typed):
+        raise BadHandle(f"{typed[:60]!r} contains spaces or control characters")
+    text = parse_handle_url(typed).key if typed.startswith(("http://", "https://")) else typed
+    return _glob(text) if any(c in text for c in GLOB_CHARS) else _literal(text)
+
+
+def _glob(text: str) -> str:
+    if not _GLOB.fullmatch(text) or not text.startswith(_GLOB_STARTS):
+        raise BadHandle(f"{text[:60]!r} is no glob of keys (tfhub:/google/*) or paths (/google/*)")
+    return text
+
+
+def _literal(text: str) -> str:
+    if text.startswith("/"):
+        return parse_request_target(text).path
+    upstream, colon, rest = text.partition(":")
+    if not colon:
+        raise BadHandle(f"{text[:60]!r} is neither a handle URL (https://tfhub.dev/…), an index key (tfhub:/…), "
+                        "a mirror path (/…) nor a glob of them")
+    if upstream == KAGGLE_FILE:
+        return parse_kaggle_file(FILES_PATH + rest).key
+    if upstream not in UPSTREAM_NAMES:
+        raise BadHandle(f"{text[:60]!r}: {upstream[:20]!r} is no upstream; keys begin "
+                        f"{', '.join(n + ':/' for n in _KEY_KINDS)}")
+    return handle_from_key(text).key

@@ -20,11 +20,7 @@ def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_f
     a --file line may list several spellings of one model separated by spaces."""
     if aliases and len(handles) != 1:
         raise click.UsageError("--alias needs exactly one HANDLE (or list spellings on one --file line)")
-    groups = [[handle, *aliases] for handle in handles]
-    for line in handle_file or ():
-        spellings = line.split("#", 1)[0].split()
-        if spellings:
-            groups.append(spellings)
+    groups = [[handle, *aliases] for handle in handles] + _listed(handle_file)
     if not groups:
         raise click.UsageError("name at least one HANDLE (or --file LIST)")
     for group in groups:
@@ -34,6 +30,15 @@ def spelling_groups(handles: tuple[str, ...], aliases: tuple[str, ...], handle_f
             except sources.SourceError as e:
                 raise click.UsageError(str(e)) from None
     return groups
+
+
+def _listed(handle_file) -> list[list[str]]:
+    """The spelling groups a --file lists, one per line that is not blank or a comment."""
+    try:
+        lines = list(handle_file or ())
+    except UnicodeDecodeError as e:
+        fail(f"--file {handle_file.name} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x})")
+    return [spellings for line in lines if (spellings := line.split("#", 1)[0].split())]
 
 
 def archive_source(via: str | None, cache_dir: Path | None, scratch: Path, settings_flags: dict):

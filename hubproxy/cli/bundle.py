@@ -12,7 +12,7 @@ from ..airgap import bundle, signing, sources, tfcache
 from . import console
 from .archives import archive_source, spelling_groups
 from .common import CACHE_DIR, source_cache_option, tfhub_dir_option
-from .failures import directory_errors, fail
+from .failures import check_file_target, directory_errors, fail
 
 
 @click.group("bundle")
@@ -49,6 +49,7 @@ def bundle_export(out: Path, sign_key, via, cache_dir, handle_file, aliases, han
     if not via and not cache_dir:
         raise click.UsageError("give --via MIRROR_URL or --cache-dir DIR")
     groups = spelling_groups(handles, aliases, handle_file)
+    check_file_target(out, "--out")
     key = _key(signing.load_private, sign_key)
     source = archive_source(via, cache_dir, out.parent / f".hubproxy-export-{uuid.uuid4().hex}", {})
     try:

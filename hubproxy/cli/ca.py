@@ -15,9 +15,9 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from ..config import Settings
-from ..tls import authority, trust
+from ..tls import authority, names, trust
 from .common import config_option, setting_option, settings_or_exit
-from .failures import fail
+from .failures import fail, path_problem
 
 _OUT_HELP = "Where the bundle goes (the system trust store plus the CA)."
 
@@ -65,7 +65,8 @@ def ca_init(ca_dir, config_file, force, hosts) -> None:
     """Write DIR/ca.pem, DIR/ca.key (0600) and DIR/trust-bundle.pem; never overwrites a CA without --force.
 
     The CA is constrained to tfhub.dev, kaggle.com (www., api.), storage.googleapis.com, the
-    configured allow_redirect_hosts and every --host, and to no IP address.
+    configured allow_redirect_hosts (by name: a :PORT dropped, IP addresses left out) and every
+    --host, and to no IP address.
 
     \b
     Example:
@@ -73,7 +74,11 @@ def ca_init(ca_dir, config_file, force, hosts) -> None:
       hubproxy ca init --ca-dir /etc/hubproxy/ca --host models.example.org --force
     """
     directory, settings = _settings(ca_dir, config_file)
-    constrained = (*authority.INTERCEPTED_HOSTS, *settings.allow_redirect_hosts, *hosts)
+    problem = path_problem(directory, "CA dir")
+    if problem:
+        fail(problem)
+    redirect_hosts = names.redirect_host_names(settings.allow_redirect_hosts)
+    constrained = (*authority.INTERCEPTED_HOSTS, *redirect_hosts, *hosts)
     try:
         ca = authority.init(directory, constrained, force=force)
     except authority.CAError as e:

@@ -2,9 +2,10 @@
 
 Invariants: the cache is opened through common.opened_cache, so a missing, broken or (to a command
 that writes) read-only cache dir is one line naming it; a command that only reads (ls, stats, a
---dry-run, verify on a read-only mount) opens it read-only and writes nothing; sizes and durations
-are parsed (units required) before the cache is touched; eviction never takes a pinned entry, and
-a purge that matches one removes nothing unless --include-pinned is given.
+--dry-run, verify on a read-only mount) opens it read-only and writes nothing; sizes, durations
+(units required) and handles or globs (checked as the admin API checks them: plans.pattern) are
+parsed before the cache is touched; eviction never takes a pinned entry, and a purge that matches
+one removes nothing unless --include-pinned.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ from ..fetch.oneshot import refetch
 from ..handles import BadHandle
 from ..units import format_size, parse_duration, parse_size
 from . import console
-from .common import (config_option, json_option, on_read_only_mount, opened_cache, parsed, setting_option,
-                     settings_or_exit)
+from .common import (
+    config_option,
+    json_option,
+    on_read_only_mount,
+    opened_cache,
+    parsed,
+    setting_option,
+    settings_or_exit,
+)
 from .failures import exit_if_found, fail
 
 
@@ -45,11 +53,12 @@ def _cache(cache_dir, config_file, *, read_only: bool = False) -> Iterator[tuple
 
 
 def _patterns(typed: tuple[str, ...]) -> list[str]:
-    """Handles as typed (URLs), keys, paths, or globs of keys and paths → match patterns."""
+    """Handles as typed (URLs), keys, paths, or globs of keys and paths → match patterns, checked as
+    the admin API checks them; the first that is none is a one-line failure."""
     try:
         return plans.patterns(list(typed))
     except BadHandle as e:
-        raise click.UsageError(str(e)) from None
+        fail(str(e))
 
 
 @click.group("cache")
@@ -141,8 +150,9 @@ def cache_unpin(cache_dir, config_file, handles) -> None:
 
 
 def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
+    wanted = _patterns(handles)
     with _cache(cache_dir, config_file) as (store, _):
-        changed = set_pinned(store, _patterns(handles), pinned)
+        changed = set_pinned(store, wanted, pinned)
     if not changed:
         fail(f"no cached entry matches {' '.join(handles)}")
     for key in changed:
@@ -162,8 +172,9 @@ def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> No
     Example:
       hubproxy cache purge 'tfhub:/google/bad-*' --dry-run
     """
+    wanted = _patterns(patterns)
     with _cache(cache_dir, config_file, read_only=dry_run) as (store, _):
-        plan = plans.matching(store.entries(), _patterns(patterns), include_pinned=True)
+        plan = plans.matching(store.entries(), wanted, include_pinned=True)
         if plan.pinned and not include_pinned:
             fail(f"{plan.pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
                  "(give --include-pinned to purge them too)")
@@ -189,6 +200,7 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
         raise click.UsageError("give exactly one of --max-size, --older-than or HANDLE_OR_GLOB...")
     limit = parsed(parse_size, max_size, "--max-size") if max_size else None
     age = parsed(parse_duration, older_than, "--older-than") if older_than else None
+    wanted = _patterns(patterns) if patterns else None
     with _cache(cache_dir, config_file, read_only=dry_run) as (store, _):
         entries = store.entries()
         if limit is not None:
@@ -196,7 +208,7 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
         elif age is not None:
             plan = plans.older_than(entries, age)
         else:
-            plan = plans.matching(entries, _patterns(patterns), include_pinned=False)
+            plan = plans.matching(entries, wanted, include_pinned=False)
         _apply(store, plan, dry_run)
 
 

@@ -7,8 +7,9 @@ Exit codes, the same for every command:
     2  the operator's error: usage, config, a bad path, an unopenable cache dir, refused input.
 
 Invariants: every failure is one line on stderr naming the path at fault when there is one;
-OSError, sqlite3 and diskcache errors a command did not handle itself are caught by the main
-group (GuardedGroup) and end the same way, so no traceback ever reaches the operator.
+OSError, sqlite3 and diskcache errors, and text that is not UTF-8, that a command did not handle
+itself are caught by the main group (GuardedGroup) and end the same way, so no traceback ever
+reaches the operator.
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ def reason(error: BaseException) -> str:
 
 
 class GuardedGroup(click.Group):
-    """The last resort: an environment error a command did not handle still ends in one line."""
+    """The last resort: an environment error, or a file that is not UTF-8 text, that a command did
+    not handle itself still ends in one line."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ENVIRONMENT_ERRORS as e:
             raise Failure(reason(e)) from None
+        except UnicodeDecodeError as e:
+            raise Failure(f"a file read is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x})") from None
 
 
 def path_problem(directory: Path, role: str) -> str | None:
@@ -77,6 +81,17 @@ def path_problem(directory: Path, role: str) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{role} {directory} is not writable"
     return None
+
+
+def check_file_target(path: Path, option: str) -> None:
+    """Fail naming `path` unless its directory exists and takes a new file (commands that write one
+    file never create its directory: a typo there is the operator's, said before any work is done)."""
+    where = f"{option} {path}:"
+    problem = path_problem(path.parent, where)
+    if problem is None and not path.parent.is_dir():
+        problem = f"{where} directory {path.parent} does not exist"
+    if problem:
+        fail(problem)
 
 
 @contextlib.contextmanager

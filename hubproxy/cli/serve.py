@@ -65,8 +65,9 @@ from .failures import fail, reason
 @setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
                 "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
 @setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")
-@setting_option("--tunnel", "tunnel", "With --intercept: a host glob a CONNECT may reach as a plain tunnel, never "
-                "inspected. Repeatable.", multiple=True, metavar="HOST_GLOB")
+@setting_option("--tunnel", "tunnel", "With --intercept: a host glob (any port) a CONNECT may reach as a plain tunnel, "
+                "never inspected, and an HTTP_PROXY http:// request is forwarded to, never cached. Repeatable.",
+                multiple=True, metavar="HOST_GLOB")
 def serve(config_file, **flags) -> None:
     """Serve the mirror until interrupted (SIGINT or SIGTERM).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..airgap import signing
-from .failures import fail
+from .failures import check_file_target, fail
 
 
 @click.group("keys")
@@ -30,6 +30,7 @@ def keys_generate(out: Path) -> None:
     Example:
       hubproxy keys generate --out signing.pem   # keep signing.pem; carry signing.pub.pem across
     """
+    check_file_target(out, "--out")
     try:
         public = signing.generate(out)
     except signing.SigningKeyError as e:

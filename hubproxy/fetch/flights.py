@@ -20,7 +20,7 @@ from ..cache.flightlocks import Lead, Watch
 from ..cache.store import Store
 from ..metrics import Metrics
 from .errors import FetchFailed
-from .flight import Flight, State
+from .flight import ENDED, Flight, State
 from .follow import Follow, Next, Partial, committed_entry, end_with
 from .ingest import Ingest
 from .upstream import Upstream
@@ -64,7 +64,7 @@ class Flights:
 
     def _start(self, key: str, url: str, post_json: dict | None, archive: bool) -> tuple[Flight, bool]:
         """A new flight for key: (it, whether it follows another process's fetch of key)."""
-        alone = key in self._active  # this process leads a flight no newcomer can join: fetch alone, as it
+        alone = key in self._active  # its flight here passes through memory, so it cannot be joined: fetch alone
         flight = Flight(key, url, post_json, archive)
         flight.on_end = self._ended
         self._active[key] = flight
@@ -87,32 +87,41 @@ class Flights:
 
     async def _run(self, flight: Flight, claim: Lead | Watch | None) -> None:
         """Follow the process that leads key's fetch until the flight ends or this one must lead
-        (the leader died, or ended without a commit before a byte was sent), then lead it."""
-        while isinstance(claim, Watch):
-            outcome = await self._follow(flight, claim)
-            if outcome is Next.ENDED:
-                return
-            claim = self._claim(flight.key) if outcome is Next.START_OVER else \
-                None if outcome is Next.ON_OUR_OWN else outcome
-        with claim or contextlib.nullcontext():
-            if claim is not None and (entry := await asyncio.to_thread(committed_entry, self._store, flight.key)):
-                await end_with(flight, self._store, entry)  # another process stored it since the caller looked
-                return
-            partial = None if claim is None else Partial.from_record(claim.record(), self._store)
-            await Ingest(flight, self._store, self._upstream, self.health, lead=claim, partial=partial,
-                         on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc()).run()
-
-    async def _follow(self, flight: Flight, watch: Watch) -> Next | Lead:
+        (the leader died, or ended without a commit before a byte was sent), then lead it; whatever
+        goes wrong, the flight ends (its readers are never left waiting)."""
         try:
-            return await Follow(flight, watch, self._store).run()
+            while isinstance(claim, Watch):
+                outcome = await Follow(flight, claim, self._store).run()
+                if outcome is Next.ENDED:
+                    return
+                claim = self._claim(flight.key) if outcome is Next.START_OVER else \
+                    None if outcome is Next.ON_OUR_OWN else outcome
+            with claim or contextlib.nullcontext():
+                await self._lead(flight, claim)
         except asyncio.CancelledError:
-            flight.ended(State.FAILED, error=FetchFailed(503, "hubproxy is shutting down"))
+            self._end_unless_ended(flight, FetchFailed(503, "hubproxy is shutting down"))
             raise
         except Exception as e:  # a bug or a disk error must still end every reader's stream
-            log.exception("following the fetch of %s crashed", flight.key)
-            flight.ended(State.FAILED, error=FetchFailed(500, f"internal error while following a fetch: "
-                                                              f"{type(e).__name__}"))
-            return Next.ENDED
+            log.exception("the flight of %s crashed", flight.key)
+            self._end_unless_ended(flight, FetchFailed(500, f"internal error while fetching: {type(e).__name__}"))
+
+    async def _lead(self, flight: Flight, lead: Lead | None) -> None:
+        """Fetch key (lead: holding its lock), going on from a dead leader's temp file if it left one."""
+        if lead is not None and (entry := await asyncio.to_thread(committed_entry, self._store, flight.key)):
+            await end_with(flight, self._store, entry)  # another process stored it since the caller looked
+            return
+        partial = None if lead is None else Partial.from_record(lead.record(), self._store)
+        if partial is None and flight.state is not State.CONNECTING:  # its readers have bytes of that file
+            flight.ended(State.FAILED, error=FetchFailed(502, f"the fetch of {flight.key} by a hubproxy process "
+                                                              "that died left nothing to go on from"))
+            return
+        await Ingest(flight, self._store, self._upstream, self.health, lead=lead, partial=partial,
+                     on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc()).run()
+
+    @staticmethod
+    def _end_unless_ended(flight: Flight, error: FetchFailed) -> None:
+        if flight.state not in ENDED:
+            flight.ended(State.FAILED, error=error)
 
     def _ended(self, flight: Flight) -> None:
         self._metrics.flights_in_progress.dec()

@@ -142,8 +142,7 @@ class Ingest:
             if flight.state is not State.CONNECTING:
                 raise FetchFailed(502, f"the fetch of {flight.key} by a hubproxy process that died left no file "
                                        "to go on from") from None
-            self._partial = None  # no reader has a byte of it: begin afresh
-            return await self._begin()
+            return await self._begin()  # no reader has a byte of it: begin afresh
         self._temp, flight.evidence = partial.temp, partial.evidence
         digests = Digests(partial.evidence, archive=flight.archive)
         with flight.open_file() as archive:

@@ -24,6 +24,7 @@ from ..handles import strip_query
 from ..units import format_size
 from .errors import FetchFailed
 from .evidence import Evidence
+from .flight import Flight
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class ResumableBody:
         return response
 
 
-async def resume_from(upstream: Upstream, flight, final: str, start: int,
+async def resume_from(upstream: Upstream, flight: Flight, final: str, start: int,
                       on_resume: Callable[[str], None] | None = None) -> "ResumableBody | _Ended":
     """The rest of flight's object from byte `start` (a fetch taken over from a process that died):
     the chain followed again to a freshly signed URL for `final`, asked for `bytes=start-` with

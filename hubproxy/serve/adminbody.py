@@ -11,14 +11,12 @@ names at least one handle where the endpoint acts on handles, and exactly one se
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 
 from aiohttp import web
 
 from ..cache import plans
-from ..handles import FILES_PATH, KAGGLE_FILE, UPSTREAM_NAMES, BadHandle, handle_from_key, parse_kaggle_file, \
-    parse_request_target
+from ..handles import BadHandle
 from ..units import parse_duration, parse_size
 from .jsonbody import BadBody, kind, read_object, refuse_unknown, sized
 
@@ -27,11 +25,6 @@ __all__ = ["BadBody", "Body", "read_body"]
 MAX_HANDLES = 1000
 MAX_HANDLE_CHARS = 512
 MAX_VALUE_CHARS = 64
-
-_GLOB_CHARS = "*?["
-_GLOB = re.compile(r"[A-Za-z0-9._\-/:*?\[\]!]+")
-_KEY_KINDS = (*UPSTREAM_NAMES, KAGGLE_FILE)  # what index keys begin with: archives' upstreams, kagglehub's files
-_GLOB_STARTS = ("/", *_GLOB_CHARS, *(f"{name}:" for name in _KEY_KINDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,36 +77,12 @@ def _handles(name: str, value: object) -> list[str]:
 
 
 def _pattern(name: str, value: object) -> str:
-    """One typed handle → its match pattern: a URL becomes its key, a literal key or path must
-    name a handle (returned normalised), a glob must be one of keys or paths."""
+    """One typed handle → its match pattern, checked as the CLI checks it (plans.pattern)."""
     sized(name, value, str, "a string", MAX_HANDLE_CHARS, "characters")
-    if not value.isprintable() or any(c.isspace() for c in value):
-        raise BadBody(f"{name} contains spaces or control characters: {value[:60]!r}")
     try:
-        [pattern] = plans.patterns([value])
-        return _glob(pattern) if any(c in pattern for c in _GLOB_CHARS) else _literal(pattern)
+        return plans.pattern(value)
     except BadHandle as e:
         raise BadBody(f"{name}: {e}") from None
-
-
-def _glob(pattern: str) -> str:
-    if not _GLOB.fullmatch(pattern) or not pattern.startswith(_GLOB_STARTS):
-        raise BadHandle(f"{pattern[:60]!r} is no glob of keys (tfhub:/google/*) or paths (/google/*)")
-    return pattern
-
-
-def _literal(pattern: str) -> str:
-    if pattern.startswith("/"):
-        return parse_request_target(pattern).path
-    upstream, colon, _ = pattern.partition(":")
-    if not colon:
-        raise BadHandle(f"{pattern[:60]!r} is neither a handle URL (https://tfhub.dev/…), an index key (tfhub:/…), "
-                        "a mirror path (/…) nor a glob of them")
-    if upstream == KAGGLE_FILE:
-        return parse_kaggle_file(FILES_PATH + pattern.partition(":")[2]).key
-    if upstream not in UPSTREAM_NAMES:
-        raise BadHandle(f"{upstream[:20]!r} is no upstream; keys begin {', '.join(n + ':/' for n in _KEY_KINDS)}")
-    return handle_from_key(pattern).key
 
 
 def _flag(name: str, value: object) -> bool:

@@ -1,7 +1,7 @@
 """The aiohttp application: its routes and the lifecycle of its components (store, upstream
 client, flights, metadata, housekeeping), and the dispatch of a hub request to a hit or a flight;
 a request on its way to api.kaggle.com goes to kagglehub's face (kaggle_api, kaggle_files), a
-signed storage URL to the relay.
+signed storage URL to the relay, an HTTP_PROXY request for a --tunnel host to forward.
 
 Invariants: a request for a cached archive is a hit and never contacts upstream; in offline mode
 nothing ever does; components open before the first request and close after the last, in
@@ -27,7 +27,7 @@ from ..fetch.upstream import Upstream
 from ..handles import FILES_PATH, GCS, HUB_HOSTS, KAGGLE_API, BadHandle, parse_request_target
 from ..metrics import Metrics
 from ..units import parse_size
-from . import admin, browse, forwarded, kaggle_api, kaggle_files, relay
+from . import admin, browse, forward, forwarded, kaggle_api, kaggle_files, relay
 from .accesslog import HANDLE_KEY
 from .components import ANONYMITY, FLIGHTS, METADATA, METRICS, SERVING, SETTINGS, STORE, UPSTREAM
 from .front import request_bounds
@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(FILES_PATH + "/{tail:.*}", kaggle_files.file_route)
     app.router.add_route("*", "/{tail:.*}", hub)
     app.cleanup_ctx.append(_components)
+    app.cleanup_ctx.append(forward.forwarder_context)
     _name_the_product_only()
     return app
 
@@ -123,6 +124,9 @@ async def _proxied_requests_are_hub_requests(request: web.Request, handler) -> w
         return error(405, "CONNECT is not allowed: this is a mirror (serve --intercept also makes it a proxy "
                           "for the hub hosts)", headers={"Allow": "GET, HEAD"})
     if tunnel_host(request.transport) is not None or not request.raw_path.startswith("/"):
+        url = forward.forwarded_url(request)
+        if url is not None:
+            return await request.app[forward.FORWARDER].forward(request, url)
         host, target = _hub_target(request)
         if HUB_HOSTS[host] == KAGGLE_API:
             return await _kaggle_api_request(request, target)
@@ -159,8 +163,11 @@ def _hub_target(request: web.Request) -> tuple[str | None, str]:
         raise web.HTTPBadRequest(text="absolute-form request targets are refused: hubproxy is a mirror, "
                                       "not an open proxy (serve --intercept makes it a proxy for the hub hosts)\n")
     if url.scheme != "http" or url.host not in HUB_HOSTS or url.explicit_port not in (None, 80):
-        raise web.HTTPForbidden(text=f"{url.scheme}://{url.host}:{url.port} is not a hub host; hubproxy proxies "
-                                     f"only {', '.join(sorted(HUB_HOSTS))}\n")
+        request.app[METRICS].proxy_requests.labels("refused").inc()
+        asked = f"{request.raw_path.partition('://')[0]}://{url.host_port_subcomponent}"  # the scheme as sent
+        raise web.HTTPForbidden(text=f"{asked} is not a hub host; hubproxy proxies only {', '.join(sorted(HUB_HOSTS))}"
+                                     ", and other hosts only as --tunnel allows: http:// forwarded, https:// through "
+                                     "CONNECT\n")
     return url.host, url.raw_path_qs
 
 

@@ -53,8 +53,10 @@ class Doors:
         self.tunnel_globs = tunnel_globs
         self.metrics = metrics
 
-    def may_tunnel(self, host: str) -> bool:
-        return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in self.tunnel_globs)
+
+def may_tunnel(tunnel_globs: tuple[str, ...], host: str) -> bool:
+    """Whether the operator allowed `host` (lower case, no trailing dot) with --tunnel, any port."""
+    return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in tunnel_globs)
 
 
 class ProxyFront(asyncio.Protocol):
@@ -92,7 +94,7 @@ class ProxyFront(asyncio.Protocol):
         host, port = line.group(1).decode().lower().rstrip("."), int(line.group(2))
         if host in HUB_HOSTS and port == 443:
             await self._intercept(host, early)
-        elif self._doors.may_tunnel(host):
+        elif may_tunnel(self._doors.tunnel_globs, host):
             await self._tunnel(host, port, early)
         else:
             self._doors.metrics.connects.labels("refused").inc()

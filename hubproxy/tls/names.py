@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from typing import Iterable
 
 # The hosts clients reach the hub through: tfhub.dev, Kaggle (www., api. and the bare name, one
@@ -48,6 +49,20 @@ def subtrees(hosts: Iterable[str]) -> tuple[str, ...]:
     names = {normalized(host) for host in hosts}
     return tuple(sorted(name for name in names if not any(other != name and covers(other, name)
                                                           for other in names)))
+
+
+def redirect_host_names(entries: Iterable[str]) -> tuple[str, ...]:
+    """The host names of allow_redirect_hosts entries (HOST[:PORT]), each once: ports stripped
+    (a name constraint has none) and IP literals left out (the CA excludes every IP address)."""
+    hosts = (_without_port(entry) for entry in entries)
+    return tuple(dict.fromkeys(host for host in hosts if not _is_ip_address(host)))
+
+
+def _without_port(entry: str) -> str:
+    try:
+        return urllib.parse.urlsplit("//" + entry.strip()).hostname or entry
+    except ValueError:  # an unclosed "[": left as it is, for normalized() to name
+        return entry
 
 
 def _is_ip_address(name: str) -> bool:
