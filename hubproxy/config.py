@@ -71,6 +71,7 @@ class Settings:
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
     header_timeout: str = "30s"  # a request head must arrive within this (408 otherwise); bytes do not extend it
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
+    drain_timeout: str = "60s"  # on SIGTERM/SIGINT, busy connections may finish within this; then they are cut
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
     # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
@@ -93,6 +94,7 @@ class Settings:
     kaggle_metadata_ttl_seconds = _parsed("kaggle_metadata_ttl", parse_duration)
     header_timeout_seconds = _parsed("header_timeout", parse_duration)
     keepalive_timeout_seconds = _parsed("keepalive_timeout", parse_duration)
+    drain_timeout_seconds = _parsed("drain_timeout", parse_duration)
     upstream_min_rate_bytes = _parsed("upstream_min_rate", parse_size)
     upstream_rate_window_seconds = _parsed("upstream_rate_window", parse_duration)
     upstream_headers_deadline_seconds = _parsed("upstream_headers_deadline", parse_duration)
@@ -234,7 +236,7 @@ def _validate(settings: Settings) -> None:
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
     for name in ("kaggle_metadata_ttl", "header_timeout", "keepalive_timeout", "upstream_rate_window",
-                 "upstream_headers_deadline"):
+                 "upstream_headers_deadline", "drain_timeout"):
         try:
             seconds = getattr(settings, f"{name}_seconds")
         except ValueError as e:

@@ -35,8 +35,8 @@ def test_durations_with_a_unit_are_taken(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("name", ["max_size", "min_free"])
-def test_a_bare_size_in_the_config_environment_or_serve_flags_is_refused(tmp_path, name):
+@pytest.mark.parametrize("name", ["max_size", "min_free", "drain_timeout", "header_timeout"])
+def test_a_bare_size_or_duration_in_the_config_environment_or_serve_flags_is_refused(tmp_path, name):
     toml = tmp_path / "hubproxy.toml"
     toml.write_text(f'{name} = "200"\n')
     with pytest.raises(ConfigError, match=f"{name}: .*no unit"):
@@ -44,7 +44,7 @@ def test_a_bare_size_in_the_config_environment_or_serve_flags_is_refused(tmp_pat
     with pytest.raises(ConfigError, match=f"{name}: .*no unit"):
         load_settings(environ={f"HUBPROXY_{name.upper()}": "200"})
     with pytest.raises(ConfigError, match=f"{name}: .*no unit"):
-        load_settings(environ={}, overrides={name: "200"})  # serve --max-size / --min-free
+        load_settings(environ={}, overrides={name: "200"})  # serve --max-size, --drain-timeout...
 
 
 def test_cache_evict_with_a_bare_number_refuses_and_removes_nothing(proxy, origin, archives):

@@ -14,8 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.conftest import ROOT, http_request, start_proxy
-from tests.origin_control import stop_process
+import pytest
+
+from tests.conftest import ROOT
 
 CONNECTIONS = 32  # spread over 2 workers by the kernel's hash: all on one would be a 1 in 2**31 chance
 
@@ -98,7 +99,7 @@ def test_workers_share_the_port_the_cache_and_their_metrics(proxy_factory, clean
     assert proxy.metric("hubproxy_upstream_bytes_total") == archives.small.stat().st_size
 
 
-def test_a_worker_that_dies_is_replaced_and_a_stop_ends_them_all(proxy_factory, clean_origin, archives, tmp_path):
+def test_a_worker_that_dies_is_replaced_and_a_stop_drains_them_all(proxy_factory, clean_origin, archives, tmp_path):
     proxy = proxy_factory(tmp_path / "cache", "--workers", "2")
     model = clean_origin.register(archives.small)
     first, second = _workers(proxy.process.pid)
@@ -117,7 +118,17 @@ def test_a_worker_that_dies_is_replaced_and_a_stop_ends_them_all(proxy_factory, 
     metrics_dir = Path(metrics_dirs.pop().split(b"=", 1)[1].decode())
     assert "exited with status -9; starting another" in proxy.log.read_text()
 
-    proxy.process.send_signal(signal.SIGTERM)
+    held = clean_origin.register(archives.padded)
+    clean_origin.faults(held, hold_after=archives.padded.stat().st_size // 2)
+    download = []
+    client = threading.Thread(target=lambda: download.append(proxy.get(f"/{held.handle}")))
+    client.start()
+    clean_origin.wait_held(1)
+    proxy.process.send_signal(signal.SIGTERM)  # the workers drain: the download under way finishes whole
+    proxy.wait_for_log("new connections refused")
+    clean_origin.release()
+    client.join(timeout=120)
+    assert [(status, body) for status, _, body in download] == [(200, archives.padded.read_bytes())]
     assert proxy.process.wait(timeout=60) == 0
     assert not any(_alive(pid) for pid in now)
     assert not metrics_dir.exists()
@@ -126,23 +137,25 @@ def test_a_worker_that_dies_is_replaced_and_a_stop_ends_them_all(proxy_factory, 
 
 def test_workers_that_cannot_start_end_serve_with_their_one_line_reason(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", "2", "--listen", "127.0.0.1:0",
-                             "--cache-dir", str(tmp_path / "cache"), "--intercept", "--ca-dir", str(tmp_path / "no-ca")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+                             "--cache-dir", str(tmp_path / "cache"), "--intercept", "--ca-dir",
+                             str(tmp_path / "no-ca")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-ca" in lines[0], result.stderr
 
 
-def test_workers_refuse_a_port_that_is_taken(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_that_is_taken_fails_serve_before_it_makes_the_cache_dir(tmp_path, workers):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     try:
-        result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", "2", "--listen",
+        result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", workers, "--listen",
                                  f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "cache")],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
     finally:
         taken.close()
     assert result.returncode == 2
     assert result.stderr.strip() == f"Error: cannot serve on 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "cache").exists()

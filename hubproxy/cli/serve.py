@@ -7,9 +7,8 @@ import asyncio
 import click
 
 from .. import __version__
-from ..config import MODES
-from ..config import Settings
-from ..serve.runtime import quiet_malformed_requests, serve_until_stopped
+from ..config import MODES, Settings
+from ..serve.runtime import bound_socket, quiet_malformed_requests, serve_until_stopped
 from ..serve.workers import WorkerFailed, serve_with_workers
 from ..tls.authority import CAError
 from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
@@ -51,6 +50,9 @@ from .failures import fail, reason
                 metavar="DURATION")
 @setting_option("--keepalive-timeout", "keepalive_timeout", "How long an idle keep-alive connection stays open; a "
                 "unit is required (75s, 2m).", "75s", metavar="DURATION")
+@setting_option("--drain-timeout", "drain_timeout", "On SIGTERM or SIGINT, how long busy connections may finish "
+                "their transfers (new ones are refused at once); then they are cut. A unit is required (60s, 5m; "
+                "0s: cut at once).", "60s", metavar="DURATION")
 @setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
                 "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
                 "at start.", "0", type=int)
@@ -69,7 +71,8 @@ from .failures import fail, reason
                 "never inspected, and an HTTP_PROXY http:// request is forwarded to, never cached. Repeatable.",
                 multiple=True, metavar="HOST_GLOB")
 def serve(config_file, **flags) -> None:
-    """Serve the mirror until interrupted (SIGINT or SIGTERM).
+    """Serve the mirror until SIGTERM or SIGINT, then drain: new connections are refused, busy ones
+    finish within --drain-timeout (a second signal cuts them at once), and the exit status is 0.
 
     \b
     Example:
@@ -77,6 +80,10 @@ def serve(config_file, **flags) -> None:
       hubproxy serve --intercept --ca-dir /etc/hubproxy/ca    # clients: eval "$(hubproxy ca env ...)"
     """
     settings = settings_or_exit(config_file, flags)
+    try:  # a port that cannot be had fails before the cache dir is made
+        sock = bound_socket(settings, reuse_port=settings.workers > 1)
+    except OSError as e:
+        fail(_failure(settings, e))
     with opened_cache(settings.cache_path, must_exist=settings.read_only, read_only=settings.read_only):
         pass  # a cache dir that cannot be opened is named here, before anything listens
     configure_logging(settings.log_level)
@@ -88,9 +95,9 @@ def serve(config_file, **flags) -> None:
 
     try:
         if settings.workers > 1:
-            serve_with_workers(settings, announce, _worker)
+            serve_with_workers(settings, announce, _worker, reservation=sock)
         else:
-            asyncio.run(serve_until_stopped(settings, announce))
+            asyncio.run(serve_until_stopped(settings, announce, sock=sock))
     except (CAError, OSError, WorkerFailed) as e:
         fail(_failure(settings, e))
 
@@ -108,7 +115,7 @@ def _worker(settings: Settings, announce) -> None:
     configure_logging(settings.log_level)
     quiet_malformed_requests()
     try:
-        asyncio.run(serve_until_stopped(settings, announce, reuse_port=True))
+        asyncio.run(serve_until_stopped(settings, announce, worker=True))
     except (CAError, OSError) as e:
         announce(f"error: {_failure(settings, e)}")
         raise SystemExit(2) from None

@@ -35,6 +35,7 @@ from .hits import range_problem, serve_if_cached
 from .intercept import tunnel_host
 from .kagglebody import SERVICE_PATH
 from .kagglecreds import Anonymity
+from .lifecycle import LIFECYCLE, Lifecycle, close_after_response_when_draining, readyz
 from .misses import head_upstream, serve_flight, upstream_url
 from .replies import MISS, X_CACHE, error
 
@@ -49,7 +50,10 @@ def create_app(settings: Settings) -> web.Application:
                           middlewares=[*behind_proxies, request_bounds, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[LIFECYCLE] = Lifecycle()
+    app.on_response_prepare.append(close_after_response_when_draining)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", browse_page)
     admin.add_routes(app)
@@ -92,6 +96,7 @@ async def _components(app: web.Application):
         if not settings.read_only:  # read-only: no hit counts to write, nothing to reconcile or evict
             upkeep = asyncio.create_task(keeper.run())
             stack.callback(upkeep.cancel)
+        app[LIFECYCLE].serving()
         yield
 
 
@@ -100,6 +105,7 @@ def _size_or_none(text: str | None) -> int | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers, draining or not (readiness is /readyz)."""
     return web.Response(text="ok\n")
 
 

@@ -8,7 +8,9 @@ Invariants:
 - at most `cap` connections are open: one more closes the longest-idle connection (between
   requests) first, or, when every other is busy, is itself answered 503 and closed;
 - an HTTP/1.0 request with Transfer-Encoding has faulty framing (RFC 9112 6.1): the connection
-  closes after its response.
+  closes after its response;
+- draining (a stop signal, drain.py): an idle connection closes at once, a busy one after the
+  response it is answering (or one whose head is arriving); cut() aborts whatever is left.
 This module finds where a head ends ("\\r\\n\\r\\n") and parses nothing else of HTTP: when a request
 starts and ends it learns from the app's outermost middleware (request_bounds).
 """
@@ -37,6 +39,7 @@ class Table:
         self._idle: dict[Connection, None] = {}  # insertion order: the longest idle first
         self._full = Burst(f"refusing connections: all {cap} allowed are busy (max_connections)")
         self.slow_heads = Burst("closing connections whose request head is late", logging.INFO)
+        self._all_closed: asyncio.Event | None = None  # made by drain()
 
     def admit(self, connection: Connection) -> bool:
         if len(self._open) >= self.cap:
@@ -52,6 +55,8 @@ class Table:
     def leave(self, connection: Connection) -> None:
         self._open.discard(connection)
         self._idle.pop(connection, None)
+        if not self._open and self._all_closed is not None:
+            self._all_closed.set()
 
     def idle(self, connection: Connection) -> None:
         if connection in self._open:
@@ -60,6 +65,29 @@ class Table:
 
     def busy(self, connection: Connection) -> None:
         self._idle.pop(connection, None)
+
+    def drain(self) -> int:
+        """Close the idle connections now and the busy ones after their current response; returns
+        how many are busy."""
+        self._all_closed = asyncio.Event()
+        busy = [connection for connection in list(self._open) if not connection.drain()]
+        if not self._open:
+            self._all_closed.set()
+        return len(busy)
+
+    async def all_closed(self) -> None:
+        """After drain(): return once no connection is open."""
+        while self._open:
+            self._all_closed.clear()
+            await self._all_closed.wait()
+
+    def cut(self) -> int:
+        """Abort every connection still open (mid-transfer: its client sees an incomplete body);
+        returns how many."""
+        left = list(self._open)
+        for connection in left:
+            connection.abort()
+        return len(left)
 
 
 class Connection(asyncio.Protocol):
@@ -147,6 +175,25 @@ class Connection(asyncio.Protocol):
         self._stop_deadline()
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        self._stop_deadline()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> bool:
+        """Stopping: an idle connection closes now (True). A busy one stays open (False) until its
+        current response is sent, then aiohttp closes it: told so here when that response may be
+        under way already, or by the Connection: close its response gets (lifecycle.py) when its
+        head is still arriving. A plain tunnel stays open until its client closes it or it is cut."""
+        if self._http and self._state == IDLE:
+            # Idle since its last response left the handler: aiohttp writes such a response to the
+            # transport without waiting on anything but the buffer, and close() sends the buffer first.
+            self.close()
+            return True
+        if self._state == REQUEST and isinstance(self._inner, web.RequestHandler):
+            self._inner.close()
+        return False
 
     # -- heads and their deadline --------------------------------------------------------
 

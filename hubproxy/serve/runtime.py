@@ -1,10 +1,11 @@
 """Running the server: the listening socket, aiohttp's runner with the JSON access log, and a
-clean stop on SIGINT/SIGTERM.
+clean stop on SIGTERM/SIGINT.
 
 Invariants: the "listening on URL" line is printed only once the socket accepts connections;
 every connection passes through front.Connection (head deadline, connection cap), in both modes;
-on a stop signal the listener closes first, then open connections, then the components, and
-buffered access lines are flushed last; a malformed request costs one log line, never a traceback.
+on a stop signal the connections drain (drain.py), then the components stop (hit counts are
+written), and buffered access lines are flushed last; a malformed request costs one log line,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from ..tls.leaves import Leaves
 from . import accesslog, fdtable
 from .app import create_app
 from .components import METRICS
+from .drain import STOP_SIGNALS, StopSignals, drain_when_signalled
 from .front import Connection, Table
 from .intercept import Doors, ProxyFront
+from .lifecycle import LIFECYCLE
 
 log = logging.getLogger(__name__)
 
 BACKLOG = 128
+# After a drain, how long aiohttp gives a handler whose connection was cut to notice before it is
+# cancelled (a miss's reader looks every misses.CLIENT_CHECK_SECONDS).
+CUT_HANDLERS_SECONDS = 5.0
 
 
 def quiet_malformed_requests() -> None:
@@ -70,15 +76,10 @@ def bound_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def listening_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
-    """The bound, listening socket for settings.listen."""
-    sock = bound_socket(settings, reuse_port)
-    try:
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+def listening(sock: socket.socket) -> socket.socket:
+    """sock (from bound_socket), listening and non-blocking."""
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
     return sock
 
 
@@ -94,21 +95,25 @@ def _aiohttp_first(server: web.Server, connection: Connection) -> asyncio.Protoc
     return server()
 
 
-async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], reuse_port: bool = False) -> None:
-    """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted.
-    reuse_port: one of serve --workers' processes, sharing the port (serve/workers.py)."""
+async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], worker: bool = False,
+                              sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; `announce` gets the URL once connections are accepted.
+    worker: one of serve --workers' processes (serve/workers.py), which shares its port (SO_REUSEPORT)
+    and stops on its parent's SIGTERM only. sock: bound already (else bound here); closed at the end."""
+    signals = StopSignals((signal.SIGTERM,) if worker else STOP_SIGNALS)
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     app = create_app(settings)
     runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
                            access_log=logging.getLogger("hubproxy.access"),
-                           keepalive_timeout=settings.keepalive_timeout_seconds)
+                           keepalive_timeout=settings.keepalive_timeout_seconds,
+                           shutdown_timeout=CUT_HANDLERS_SECONDS)
     await runner.setup()
     listener = None
     loop = asyncio.get_running_loop()
     fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
-        sock = listening_socket(settings, reuse_port)
+        sock = listening(sock or bound_socket(settings, reuse_port=worker))
         first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
             first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
@@ -117,12 +122,10 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
                                             backlog=BACKLOG)
         host, port = sock.getsockname()[:2]
         announce(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        await drain_when_signalled(signals, listener, table, app[LIFECYCLE], settings.drain_timeout_seconds)
     finally:
         if listener is not None:
             listener.close()
         await runner.cleanup()
         access_log.flush()
+    log.info("stopped")

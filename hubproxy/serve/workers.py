@@ -16,12 +16,12 @@ import dataclasses
 import logging
 import multiprocessing
 import signal
+import socket
 from multiprocessing.connection import Connection, wait
 from typing import Callable
 
-from ..config import Settings
 from .. import metrics
-from .runtime import bound_socket
+from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,17 @@ class WorkerFailed(Exception):
 
 
 def serve_with_workers(settings: Settings, announce: Callable[[str], None],
-                       worker: Callable[[Settings, Callable[[str], None]], None]) -> None:
+                       worker: Callable[[Settings, Callable[[str], None]], None], reservation: socket.socket) -> None:
     """Run settings.workers processes of worker(settings, tell) until SIGINT/SIGTERM, then stop them
     and wait for them. worker (a module-level function: it is pickled) serves on a SO_REUSEPORT
-    socket and tells the URL it listens on, or "error: " and why it cannot."""
+    socket and tells the URL it listens on, or "error: " and why it cannot. reservation: a socket
+    bound with SO_REUSEPORT to settings.listen (bound_socket), which holds the port for them all
+    (and resolves port 0); closed at the end."""
     workers: dict[int, tuple[multiprocessing.Process, Connection]] = {}
     with contextlib.ExitStack() as undo:  # on the way out, last first: workers stopped, then the rest
-        reservation = undo.enter_context(bound_socket(settings, reuse_port=True))  # the port held for all
+        undo.enter_context(reservation)
         settings = _on_port(settings, *reservation.getsockname()[:2])  # port 0 resolved
-        stop = _StopSignals()
+        stop = _StopSignals(again=lambda: _signal_all(workers))
         undo.callback(stop.restore)
         undo.enter_context(metrics.shared_by_processes())
         undo.callback(_stop_all, workers)
@@ -99,23 +101,32 @@ def _supervise(worker, settings: Settings, workers: dict, stop: "_StopSignals") 
 
 def _stop_all(workers: dict) -> None:
     """SIGTERM to every worker (each drains itself), then wait for them all."""
-    for process, _ in workers.values():
-        if process.is_alive():
-            process.terminate()  # SIGTERM
+    _signal_all(workers)
     for process, ready in workers.values():
         process.join()
         ready.close()
 
 
-class _StopSignals:
-    """SIGINT/SIGTERM noted (and the supervisor woken through a pipe) instead of raised."""
+def _signal_all(workers: dict) -> None:
+    for process, _ in workers.values():
+        if process.is_alive():
+            process.terminate()  # SIGTERM: the first drains a worker, the next cuts its drain short
 
-    def __init__(self) -> None:
+
+class _StopSignals:
+    """SIGINT/SIGTERM noted (and the supervisor woken through a pipe) instead of raised; each one
+    after the first is passed on at once (again()), so a second Ctrl-C cuts the workers' drain."""
+
+    def __init__(self, again) -> None:
         self.received = False
+        self._again = again
         self.reader, self._writer = _spawn.Pipe(duplex=False)
         self._previous = {signum: signal.signal(signum, self._note) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _note(self, signum, frame) -> None:
+        if self.received:
+            self._again()
+            return
         self.received = True
         self._writer.send(signum)
 
@@ -125,6 +136,7 @@ class _StopSignals:
 
 
 def _run(worker, settings: Settings, ready: Connection) -> None:
-    """A worker process: a terminal's Ctrl-C reaches the parent, which stops the workers with SIGTERM."""
+    """A worker process: a terminal's Ctrl-C reaches the parent too, which stops the workers with
+    SIGTERM (until the worker heeds its own signals, a SIGINT would kill it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker(settings, ready.send)
