@@ -74,7 +74,8 @@ class Metrics:
                                      "(serve --read-only: hits served, misses passed through unstored), else 0.",
                                      registry=self.registry, multiprocess_mode="livemax")
         self.passthrough_fetches = Counter("hubproxy_passthrough_fetches", "Archives verified and delivered to "
-                                           "clients but not stored (cache unwritable).", registry=self.registry)
+                                           "clients but not stored (cache unwritable, or served read-only).",
+                                           registry=self.registry)
         self.connects = Counter("hubproxy_connects", "Forward-proxy CONNECT requests, by what became of them "
                                 "(intercepted, tunnelled, refused).", ["outcome"], registry=self.registry)
         self.proxy_requests = Counter("hubproxy_proxy_requests", "Forward-proxy absolute-form (HTTP_PROXY) requests "
