@@ -66,10 +66,16 @@ class Metrics:
         self.cache_write_errors = Counter("hubproxy_cache_write_errors",
                                           "Writes to the cache the disk refused, by reason.",
                                           ["reason"], registry=self.registry)
-        self.cache_writable = Gauge("hubproxy_cache_writable", "0 while writes to the cache are failing, else 1.",
+        self.cache_writable = Gauge("hubproxy_cache_writable", "0 while writes to the cache are failing (a fault: "
+                                    "full, quota, I/O error, remounted read-only), else 1; a cache served read-only "
+                                    "by design attempts no write, so it stays 1.",
                                     registry=self.registry, multiprocess_mode="livemin")
+        self.cache_read_only = Gauge("hubproxy_cache_read_only", "1 when the cache is served read-only by design "
+                                     "(serve --read-only: hits served, misses passed through unstored), else 0.",
+                                     registry=self.registry, multiprocess_mode="livemax")
         self.passthrough_fetches = Counter("hubproxy_passthrough_fetches", "Archives verified and delivered to "
-                                           "clients but not stored (cache unwritable).", registry=self.registry)
+                                           "clients but not stored (cache unwritable, or served read-only).",
+                                           registry=self.registry)
         self.connects = Counter("hubproxy_connects", "Forward-proxy CONNECT requests, by what became of them "
                                 "(intercepted, tunnelled, refused).", ["outcome"], registry=self.registry)
         self.proxy_requests = Counter("hubproxy_proxy_requests", "Forward-proxy absolute-form (HTTP_PROXY) requests "

@@ -48,12 +48,13 @@ def parse_handle(handle_url: str) -> Handle:
 
 
 class CacheSource:
-    """Archives from a hubproxy cache dir, with no network at all."""
+    """Archives from a hubproxy cache dir, with no network at all. Opened read-only: it only reads,
+    so a cache on a read-only mount (an air-gapped volume) serves as a source too."""
 
     def __init__(self, cache_dir: Path):
         if not (cache_dir / "index").is_dir():
             raise SourceError(f"{cache_dir} is not a hubproxy cache dir (no index)")
-        self._store = Store(cache_dir)
+        self._store = Store(cache_dir, read_only=True)
 
     def get(self, handle_url: str, progress: Progress | None = None) -> Archive:
         entry = self._store.lookup(parse_handle(handle_url).key)

@@ -6,7 +6,8 @@ place) or not at all, so a reader sees the old one or the new one; its file is n
 of its key, so no key can name a path, and it holds its key, so a read never returns another key's
 document; a file that is missing, torn, not JSON or of another key reads as None. Blocking: run it
 in a thread. Never HTTP. Callers store only what upstream answered to an anonymous request, never
-a credential.
+a credential. On a cache opened read-only nothing is written: metadata/ is not even created (a
+cache seeded by `bundle import` has none), and write does nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Metadata:
     def __init__(self, store: Store):
         self._store = store
         self.root = store.root / "metadata"
-        self.root.mkdir(exist_ok=True)
+        if not store.read_only:
+            self.root.mkdir(exist_ok=True)
 
     def _file(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -54,7 +56,10 @@ class Metadata:
         return Stored(record["document"], float(stored)) if isinstance(stored, (int, float)) else None
 
     def write(self, key: str, document: dict) -> None:
-        """Store document under key, replacing what was there; raises OSError when the disk refuses."""
+        """Store document under key, replacing what was there; raises OSError when the disk refuses.
+        A read-only cache keeps nothing, by design: no write is attempted, so none fails."""
+        if self._store.read_only:
+            return
         target = self._file(key)
         data = json.dumps({"key": key, "stored": time.time(), "document": document}).encode()
         fd, temp = self._store.new_temp_file()

@@ -1,9 +1,11 @@
 """`hubproxy cache`: inspect and steer a hubproxy cache, safe while a proxy serves from it.
 
-Invariants: the cache is opened through common.opened_cache, so a missing, read-only or broken
-cache dir is one line naming it; sizes, durations (units required) and handles or globs (checked
-as the admin API checks them: plans.pattern) are parsed before the cache is touched; eviction
-never takes a pinned entry, and a purge that matches one removes nothing unless --include-pinned.
+Invariants: the cache is opened through common.opened_cache, so a missing, broken or (to a command
+that writes) read-only cache dir is one line naming it; a command that only reads (ls, stats, a
+--dry-run, verify on a read-only mount) opens it read-only and writes nothing; sizes, durations
+(units required) and handles or globs (checked as the admin API checks them: plans.pattern) are
+parsed before the cache is touched; eviction never takes a pinned entry, and a purge that matches
+one removes nothing unless --include-pinned.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def _set_pinned(cache_dir, config_file, handles, pinned: bool) -> None:
 
 @group.command("purge")
 @_cache_options
-@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.option("--dry-run", is_flag=True, help="Show what would go, changing nothing (works on a read-only cache too).")
 @click.option("--include-pinned", is_flag=True, help="Purge matching pinned entries too (without it, any "
               "pinned match refuses the whole purge).")
 @click.argument("patterns", nargs=-1, required=True, metavar="HANDLE_OR_GLOB...")
@@ -171,7 +173,7 @@ def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> No
       hubproxy cache purge 'tfhub:/google/bad-*' --dry-run
     """
     wanted = _patterns(patterns)
-    with _cache(cache_dir, config_file) as (store, _):
+    with _cache(cache_dir, config_file, read_only=dry_run) as (store, _):
         plan = plans.matching(store.entries(), wanted, include_pinned=True)
         if plan.pinned and not include_pinned:
             fail(f"{plan.pinned} of the {len(plan.keys)} matching entries are pinned; nothing was removed "
@@ -184,7 +186,7 @@ def cache_purge(cache_dir, config_file, dry_run, include_pinned, patterns) -> No
 @click.option("--max-size", metavar="SIZE", help="Evict least recently used until the cache is at most SIZE "
               "(with its unit: 200G, 0B).")
 @click.option("--older-than", metavar="DURATION", help="Evict entries unused for DURATION (with its unit: 30d, 12h).")
-@click.option("--dry-run", is_flag=True, help="Show what would go.")
+@click.option("--dry-run", is_flag=True, help="Show what would go, changing nothing (works on a read-only cache too).")
 @click.argument("patterns", nargs=-1, metavar="[HANDLE_OR_GLOB...]")
 def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns) -> None:
     """Evict by size, by age, or by name; pinned entries always stay.
@@ -199,7 +201,7 @@ def cache_evict(cache_dir, config_file, max_size, older_than, dry_run, patterns)
     limit = parsed(parse_size, max_size, "--max-size") if max_size else None
     age = parsed(parse_duration, older_than, "--older-than") if older_than else None
     wanted = _patterns(patterns) if patterns else None
-    with _cache(cache_dir, config_file) as (store, _):
+    with _cache(cache_dir, config_file, read_only=dry_run) as (store, _):
         entries = store.entries()
         if limit is not None:
             plan = plans.to_fit(entries, limit)

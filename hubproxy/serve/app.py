@@ -84,6 +84,7 @@ async def _components(app: web.Application):
         upstream = await stack.enter_async_context(Upstream(settings))
         app[STORE], app[UPSTREAM] = store, upstream
         health = WriteHealth(app[METRICS], store.root)
+        app[METRICS].cache_read_only.set(store.read_only)
         app[METADATA] = metadata = Metadata(store)
         app[ANONYMITY] = Anonymity(metadata)
         app[FLIGHTS] = flights = Flights(store, upstream, app[METRICS], health)
