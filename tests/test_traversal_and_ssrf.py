@@ -86,4 +86,4 @@ def test_writes_stay_inside_the_cache_dir(proxy, origin, archives, tmp_path):
     for target in ("/../escape/1", "/%2e%2e/escape/1", f"/{model.handle}"):
         _get(proxy, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", proxy.log.name])
-    assert sorted(p.name for p in proxy.cache_dir.iterdir()) == ["blobs", "index", "metadata", "tmp"]
+    assert sorted(p.name for p in proxy.cache_dir.iterdir()) == ["blobs", "flights", "index", "metadata", "tmp"]
