@@ -81,13 +81,18 @@ def _aiohttp_first(server: web.Server, connection: Connection) -> asyncio.Protoc
     return server()
 
 
+def app_runner(settings: Settings, access_log: accesslog.AccessLog) -> web.AppRunner:
+    """aiohttp's runner of the app, with the access log and the idle keep-alive timeout of settings
+    (aiohttp's own default keeps an idle connection for an hour)."""
+    return web.AppRunner(create_app(settings), access_log_class=access_log.aiohttp_logger_class(),
+                         access_log=logging.getLogger("hubproxy.access"),
+                         keepalive_timeout=settings.keepalive_timeout_seconds)
+
+
 async def serve_until_stopped(settings: Settings, announce: Callable[[str], None]) -> None:
     """Serve until SIGINT or SIGTERM; `announce` gets the URL once connections are accepted."""
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
-    app = create_app(settings)
-    runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
-                           access_log=logging.getLogger("hubproxy.access"),
-                           keepalive_timeout=settings.keepalive_timeout_seconds)
+    runner = app_runner(settings, access_log)
     await runner.setup()
     listener = None
     loop = asyncio.get_running_loop()
@@ -97,7 +102,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
         sock = listening_socket(settings)
         first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
-            first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
+            first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, runner.app[METRICS]))
         table, header_timeout = connection_table(settings), settings.header_timeout_seconds
         listener = await loop.create_server(lambda: Connection(table, header_timeout, first), sock=sock,
                                             backlog=BACKLOG)
