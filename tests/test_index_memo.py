@@ -44,7 +44,9 @@ def test_a_hot_key_is_answered_from_the_memo_until_its_time_is_up(tmp_path):
     key = _commit(remembering, 1)
     assert remembering.lookup(key) is not None and forgetful.lookup(key) is not None
 
-    Store(tmp_path / "cache").remove_keys([key])  # another process purges it
+    other_process = Store(tmp_path / "cache")
+    other_process.remove_keys([key])  # a purge
+    other_process.close()
 
     assert remembering.lookup(key) is not None, "the memo was not used"
     assert forgetful.lookup(key) is None

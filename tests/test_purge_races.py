@@ -153,12 +153,13 @@ def test_a_request_waiting_for_the_commit_whose_blob_is_purged_as_it_lands_fetch
     """A Range or HTTP/1.0 request waits for the committed blob and is answered from it; a purge landing
     between the commit and that answer was a 503 "ask again": a vanished blob is a miss, never an error."""
     archive, model = _registered(clean_origin, tmp_path)
-    headers, version = ({"Range": "bytes=10-"}, aiohttp.HttpVersion11) if kind == "range" else ({}, aiohttp.HttpVersion10)
+    ranged = kind == "range"
+    headers, version = ({"Range": "bytes=10-"}, aiohttp.HttpVersion11) if ranged else ({}, aiohttp.HttpVersion10)
 
     purges, status, outcome, body = _get_purging_commits(clean_origin, tmp_path, model, 1, headers, version)
 
     assert purges == 1
-    expected = (206, archive.read_bytes()[10:]) if kind == "range" else (200, archive.read_bytes())
+    expected = (206, archive.read_bytes()[10:]) if ranged else (200, archive.read_bytes())
     assert (status, outcome, body) == (expected[0], "MISS", expected[1])
     assert clean_origin.object_gets(model) == 2, "fetched again after the purge"
 
@@ -207,6 +208,7 @@ def _get_purging_commits(origin, tmp_path, model, purges_wanted: int, headers: d
     finally:
         other_process.close()
     return len(purges), status, outcome, body
+
 
 def _admin(proxy, endpoint: str, body: dict) -> str:
     request = urllib.request.Request(f"{proxy.url}/admin/{endpoint}", method="POST", data=json.dumps(body).encode(),
