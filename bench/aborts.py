@@ -4,7 +4,8 @@ some clients hanging up at a random byte; after each round, the proxy's open fds
 
 Invariants: a client that did not hang up gets a 200 with every byte of the origin's archive (an
 `error` otherwise, a `wrong_bytes` if a body presented as complete had other bytes); readings are
-taken once the round's fetches are over, so rounds are compared at rest.
+taken once the round's fetches are over, so rounds are compared at rest; growth is judged from the
+warmed reading (after round 1) to the last, for fds outside the proxy's pools and for RSS.
 """
 
 from __future__ import annotations
@@ -13,23 +14,39 @@ import concurrent.futures
 import dataclasses
 import random
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from hubproxy.units import format_size
 
 from . import harness
 from .downloads import Fetched, download
 
 MISS_RATE = 16_000_000  # origin bytes/s for misses: a fetch lasts long enough for clients to leave mid-way
 KEPT = 16  # archives of earlier rounds that hits are drawn from
+# A proxy at a steady state: its cache holds the archives hits are drawn from (KEPT + a round's misses,
+# 2 MiB at most each) and evicts older ones, so the index and what is read from it stop growing.
+STEADY_MAX_SIZE = "64M"
+WARMED = 1  # the reading growth is judged from: round 0 met first imports, first connections
+# At rest, the fds outside the pools are the listener, the log, the event loop's own: the slack covers
+# a client connection whose close is under way as they are counted.
+FD_SLACK = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
     round: int
     fds: int
+    pooled: int  # of fds: the index's per-thread SQLite connections, keep-alive connections upstream
     rss: int  # bytes
+
+    @property
+    def held(self) -> int:
+        """fds outside the pools (whose sizes are bounded by threads and connection limits, not rounds)."""
+        return self.fds - self.pooled
 
 
 @dataclasses.dataclass
@@ -56,6 +73,7 @@ def abort_soak(origin, server: harness.Server, workdir: Path, *, seed: int, roun
     """Run rounds (`rounds` of them, or for `seconds`) and return the figures; never raises on what
     the clients saw: the caller judges the figures."""
     rng, figures = random.Random(seed), SoakFigures(seed, clients)
+    upstream_ports = {urllib.parse.urlsplit(url).port for url in origin.urls.values()}
     kept: list[Archive] = []
     deadline = None if seconds is None else time.monotonic() + seconds
     while (rounds is None or figures.rounds < rounds) and (deadline is None or time.monotonic() < deadline):
@@ -66,13 +84,27 @@ def abort_soak(origin, server: harness.Server, workdir: Path, *, seed: int, roun
             for (archive, _), got in zip(plan, results):
                 _count(figures, got, archive)
         _settle(server)
-        figures.readings.append(Reading(figures.rounds, server.open_fds(), server.rss_bytes()))
+        figures.readings.append(Reading(figures.rounds, server.open_fds(), server.pooled_fds(upstream_ports),
+                                        server.rss_bytes()))
         kept = (kept + fresh)[-KEPT:]
         figures.rounds += 1
     log = server.log.read_text(errors="replace")
     figures.tracebacks = log.count("Traceback")
     figures.last_traceback_line = _first_exception(log)
     return figures
+
+
+def growth(readings: list[Reading], rss_slack: int) -> str | None:
+    """What grew beyond its slack from the warmed reading to the last (fds outside the pools by more
+    than FD_SLACK, RSS by more than rss_slack), or None; None too before there are two to compare."""
+    if len(readings) <= WARMED + 1:
+        return None
+    warmed, last = readings[WARMED], readings[-1]
+    if last.held > warmed.held + FD_SLACK:
+        return f"open fds outside the pools grew from {warmed.held} to {last.held} (slack {FD_SLACK})"
+    if last.rss > warmed.rss + rss_slack:
+        return f"RSS grew from {format_size(warmed.rss)} to {format_size(last.rss)} (slack {format_size(rss_slack)})"
+    return None
 
 
 def _new_archive(origin, workdir: Path, rng: random.Random, name: str) -> Archive:

@@ -80,6 +80,28 @@ class Server:
         """How many file descriptors its main process holds open now."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def pooled_fds(self, upstream_ports: set[int]) -> int:
+        """Of its open fds, those its pools hold: SQLite's files of the cache index (diskcache opens a
+        connection per thread that reads it) and keep-alive connections to the upstreams (aiohttp's pool)."""
+        upstream_sockets = {f"socket:[{inode}]" for inode, port in _tcp_peer_ports().items() if port in upstream_ports}
+        pooled = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):  # closed since the listing
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+                pooled += target in upstream_sockets or f"{os.sep}index{os.sep}cache.db" in target
+        return pooled
+
+
+def _tcp_peer_ports() -> dict[str, int]:
+    """Socket inode → remote port, of every TCP socket in this network namespace."""
+    peers = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                peers[fields[9]] = int(fields[2].rpartition(":")[2], 16)
+    return peers
+
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()

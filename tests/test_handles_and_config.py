@@ -97,6 +97,19 @@ def test_precedence_defaults_toml_env_flags(tmp_path):
     assert settings.backoff_seconds == Settings().backoff_seconds
 
 
+
+def test_the_deadlines_and_floors_default_to_their_documented_values():
+    """Pinned: a default that drifts (aiohttp's hour-long keep-alive, no pace floor, minutes to a
+    504) is an outage waiting for a slow client or a sick upstream."""
+    defaults = Settings()
+
+    assert (defaults.header_timeout_seconds, defaults.keepalive_timeout_seconds) == (30, 75)
+    assert (defaults.upstream_min_rate_bytes, defaults.upstream_rate_window_seconds) == (64 << 10, 30)
+    assert defaults.upstream_headers_deadline_seconds == 60
+    assert defaults.upstream_resumes == 3
+    assert load_settings(environ={}) == defaults
+
+
 def test_upstream_flags_and_env_lists():
     settings = load_settings(environ={"HUBPROXY_ALLOW_REDIRECT_HOSTS": "a.example, b.example:8443"},
                              overrides={"upstreams": ("tfhub=http://127.0.0.1:5",)})

@@ -306,6 +306,17 @@ def test_replaced_object_has_a_new_etag_and_fails_the_old_if_match(urls, model):
     assert [r["if_match"] for r in logged if r["status"] == 412] == [old_etag]
 
 
+def test_ignore_if_match_answers_a_stale_if_match_206_under_the_new_etag(model):
+    url = model.signed_url()
+    old_etag = raw(url, "HEAD")[1]["ETag"]
+    model.faults(replaced=True, ignore_if_match=True)
+
+    status, headers, body = raw(url, headers={"Range": "bytes=10-", "If-Match": old_etag})
+
+    assert (status, body) == (206, model.data[10:])
+    assert headers["ETag"] not in (None, old_etag)
+
+
 def test_hold_headers_sends_nothing_until_released(urls, model):
     model.faults(hold_headers=True)
     url, result = model.signed_url(), {}

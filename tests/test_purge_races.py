@@ -22,12 +22,13 @@ import threading
 import urllib.request
 
 import aiohttp
+import pytest
 
 from hubproxy.cache import plans
 from hubproxy.cache.operations import carry_out
 from hubproxy.cache.store import Store
 from hubproxy.fetch.flight import State
-from hubproxy.serve.components import STORE
+from hubproxy.serve.components import FLIGHTS, STORE
 from tests.conftest import http_request
 from tests.in_process import WAIT_SECONDS, Reader, fetching, origin_paused, serving, settings_for
 
@@ -144,6 +145,69 @@ def test_a_hit_whose_blob_vanished_after_the_index_check_is_a_miss_for_get_and_h
     answers = asyncio.run(scenario())
 
     assert answers == [("HEAD", 200, "MISS", b""), ("GET", 200, "MISS", archive.read_bytes())]
+
+
+@pytest.mark.parametrize("kind", ["range", "HTTP/1.0"])
+def test_a_request_waiting_for_the_commit_whose_blob_is_purged_as_it_lands_fetches_it_again(
+        clean_origin, tmp_path, kind):
+    """A Range or HTTP/1.0 request waits for the committed blob and is answered from it; a purge landing
+    between the commit and that answer was a 503 "ask again": a vanished blob is a miss, never an error."""
+    archive, model = _registered(clean_origin, tmp_path)
+    ranged = kind == "range"
+    headers, version = ({"Range": "bytes=10-"}, aiohttp.HttpVersion11) if ranged else ({}, aiohttp.HttpVersion10)
+
+    purges, status, outcome, body = _get_purging_commits(clean_origin, tmp_path, model, 1, headers, version)
+
+    assert purges == 1
+    expected = (206, archive.read_bytes()[10:]) if ranged else (200, archive.read_bytes())
+    assert (status, outcome, body) == (expected[0], "MISS", expected[1])
+    assert clean_origin.object_gets(model) == 2, "fetched again after the purge"
+
+
+def test_a_request_whose_blob_is_purged_each_time_it_lands_is_fetched_again_once_then_told_to_ask_again(
+        clean_origin, tmp_path):
+    _, model = _registered(clean_origin, tmp_path)
+
+    purges, status, outcome, _ = _get_purging_commits(clean_origin, tmp_path, model, 10, {"Range": "bytes=10-"})
+
+    assert (purges, status, outcome) == (2, 503, "MISS")
+    assert clean_origin.object_gets(model) == 2
+
+
+def _registered(origin, tmp_path):
+    archive = tmp_path / "purged.tar.gz"
+    archive.write_bytes(b"\x1f\x8b" + os.urandom(100_000))
+    return archive, origin.register(archive)
+
+
+def _get_purging_commits(origin, tmp_path, model, purges_wanted: int, headers: dict,
+                         version: aiohttp.HttpVersion = aiohttp.HttpVersion11) -> tuple[int, int, str, bytes]:
+    """GET the model from a proxy in process whose first `purges_wanted` commits are purged by another
+    process as they land (told by the flights' on_commit, before any reader is woken): (purges done,
+    status, X-Cache, body)."""
+    settings = settings_for(origin, tmp_path / "cache")
+    key, purges = f"tfhub:/{model.handle}", []
+
+    async def scenario(other_process: Store):
+        async with serving(settings) as (base_url, app), aiohttp.ClientSession(version=version) as session:
+            flights = app[FLIGHTS]
+            poke = flights.on_commit
+
+            def purge_as_it_lands() -> None:
+                if len(purges) < purges_wanted:
+                    purges.append(_purge_from_another_process(other_process, key))
+                poke()
+
+            flights.on_commit = purge_as_it_lands
+            async with session.get(f"{base_url}/{model.handle}", headers=headers) as response:
+                return response.status, response.headers["X-Cache"], await response.read()
+
+    other_process = Store(tmp_path / "cache")
+    try:
+        status, outcome, body = asyncio.run(scenario(other_process))
+    finally:
+        other_process.close()
+    return len(purges), status, outcome, body
 
 
 def _admin(proxy, endpoint: str, body: dict) -> str:

@@ -1,11 +1,13 @@
-"""A corpus of hostile upstreams: every fault the origin emulator has (tests/origin.py SWITCHES),
-alone and combined. Each makes the proxy give a clean failure (an error status, or a body its
-framing leaves unfinished) or the verified archive, never a body presented as complete with wrong
-bytes, never a 500 or a traceback; nothing that does not verify is committed, and once the fault
-is gone the same URL serves the archive."""
+"""A corpus of hostile upstreams: every fault the origin emulator has (tests/origin.py SWITCHES,
+a test below holds it), alone and combined. Each makes the proxy give a clean failure (an error
+status, or a body its framing leaves unfinished) or the verified archive, never a body presented as
+complete with wrong bytes, never a 500 or a traceback; nothing that does not verify is committed,
+and once the fault is gone the same URL serves the archive. Trickles and stalls meet a proxy with a
+small pace floor and headers deadline, so that each ends in seconds rather than the defaults' minutes."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from bench.downloads import download
 from hubproxy.cache import scrub
 from hubproxy.cache.store import Store
-from tests.conftest import stand_in_archive, start_proxy
+from tests.conftest import ROOT, stand_in_archive, start_proxy
 
 SIZE = 600_000
 MIDDLE = SIZE // 2
@@ -51,6 +53,14 @@ FAULTS = {
     "cut every 100 kB": dict(cut_every=100_000),
     "cut once, and the object replaced": dict(cut_once_at=MIDDLE, replaced=True),
     "no checksum, cut once": dict(no_checksum=True, cut_once_at=MIDDLE),
+    "cut once, If-Match ignored (resumed)": dict(cut_once_at=MIDDLE, ignore_if_match=True),
+}
+FLOOR = ("--upstream-min-rate", "256K", "--upstream-rate-window", "1s", "--upstream-headers-deadline", "2s",
+         "--upstream-resumes", "1")
+BELOW_THE_FLOOR = {  # met by a proxy started with FLOOR; each holds or trickles until it gives up
+    "trickle below the floor": dict(throttle_bps=32_000),
+    "headers never come": dict(hold_headers=True),
+    "stalled in the middle": dict(hold_after=MIDDLE),
 }
 REDIRECTS = {  # where the Kaggle hop sends the download instead of the signed storage URL
     "off the allowlist": "{canary}/stolen",
@@ -68,6 +78,15 @@ def corpus_proxy(origin, tmp_path_factory):
     proxy.stop()
 
 
+@pytest.fixture(scope="module")
+def floored_proxy(origin, tmp_path_factory):
+    """A proxy whose pace floor and headers deadline (FLOOR) end a trickle or a stall within seconds."""
+    home = tmp_path_factory.mktemp("hostile-upstream-floored")
+    proxy = start_proxy(origin, home / "cache", *FLOOR, log_dir=home)
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture
 def stand_in_model(origin, tmp_path):
     archive = stand_in_archive(tmp_path / "archive.tar.gz", SIZE)
@@ -81,6 +100,31 @@ def test_hostile_upstream_gives_a_clean_failure_or_the_verified_archive(corpus_p
     origin.faults(model, **fault)
 
     _assert_clean_outcome(corpus_proxy, origin, model, sha256)
+
+
+@pytest.mark.parametrize("fault", BELOW_THE_FLOOR.values(), ids=BELOW_THE_FLOOR.keys())
+def test_an_upstream_below_the_floor_gives_a_clean_failure(floored_proxy, origin, stand_in_model, fault):
+    model, sha256 = stand_in_model
+    origin.faults(model, **fault)
+    try:
+        got = _assert_clean_outcome(floored_proxy, origin, model, sha256)
+    finally:
+        origin.release()  # transfers still held at the origin end; later holds start afresh
+
+    assert not got.served_whole(sha256), f"the fault never bit: {got}"
+
+
+def test_the_corpus_has_every_fault_the_origin_emulator_has():
+    cases = [*FAULTS.values(), *BELOW_THE_FLOOR.values(), {"redirect_to": REDIRECTS}]
+    assert {switch for case in cases for switch in case} == _emulator_switches()
+
+
+def _emulator_switches() -> set[str]:
+    """tests/origin.py's SWITCHES, read from its source (the emulator is a script run as its own process)."""
+    tree = ast.parse((ROOT / "tests" / "origin.py").read_text())
+    value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "SWITCHES" for target in node.targets))
+    return ast.literal_eval(value)
 
 
 @pytest.mark.parametrize("target", REDIRECTS.values(), ids=REDIRECTS.keys())

@@ -13,8 +13,11 @@ import pytest
 from bench import aborts, harness, killloop
 from tests.conftest import ROOT
 
-RSS_SLACK = 32 << 20
-FD_SLACK = 16
+SOAK_ROUNDS = 8
+# From the warmed reading to the last, 6 rounds of 32 requests: RSS may grow by RSS_SLACK (the allocator
+# keeping a higher peak of transient buffers; a leak of some 44 KiB a request outgrows it), the fds outside
+# the proxy's pools by aborts.FD_SLACK. Read at rest, never timed.
+RSS_SLACK = 8 << 20
 
 
 @pytest.fixture
@@ -46,15 +49,15 @@ def test_kill_9_in_the_commit_window_leaves_a_cache_that_verifies(clean_origin, 
 
 
 def test_clients_hanging_up_mid_body_cost_the_others_nothing_and_leak_nothing(clean_origin, tmp_path, soak_seed):
-    with harness.hubproxy(clean_origin, tmp_path / "cache", intercept=False) as server:
-        figures = aborts.abort_soak(clean_origin, server, tmp_path, seed=soak_seed, rounds=5, clients=32)
+    with harness.hubproxy(clean_origin, tmp_path / "cache", intercept=False,
+                          extra=("--max-size", aborts.STEADY_MAX_SIZE)) as server:
+        figures = aborts.abort_soak(clean_origin, server, tmp_path, seed=soak_seed, rounds=SOAK_ROUNDS, clients=32)
 
     assert figures.aborts > 0
     assert (figures.errors, figures.wrong_bytes) == (0, 0), figures.first_errors
     assert figures.tracebacks == 0, f"a client hanging up cost a traceback: {figures.last_traceback_line}"
-    warmed, last = figures.readings[1], figures.readings[-1]  # round 0 warms up: first imports, pools
-    assert last.fds <= warmed.fds + FD_SLACK, f"open fds grew: {figures.readings}"
-    assert last.rss <= warmed.rss * 1.25 + RSS_SLACK, f"RSS grew: {figures.readings}"
+    assert len(figures.readings) == SOAK_ROUNDS
+    assert aborts.growth(figures.readings, RSS_SLACK) is None, figures.readings
 
 
 def test_make_soak_runs_and_publishes_its_figures(tmp_path):
@@ -66,4 +69,5 @@ def test_make_soak_runs_and_publishes_its_figures(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = (out / "reliability.md").read_text()
     assert "seed 11" in text and "every check held" in text
-    assert "## kill -9 loop" in text and "## Abort soak" in text and "| end |" in text
+    assert "## kill -9 loop" in text and "## Abort soak" in text
+    assert "| warmed | 1 |" in text and "| end |" in text

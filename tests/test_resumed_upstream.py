@@ -5,9 +5,11 @@ cut always did: the clients are cut and nothing is committed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
 
+from bench.downloads import download
 from tests.conftest import hub_load, hub_load_started, loaded_output, model_dirs
 from tests.test_kagglehub_through_mirror import ca, mirror, run_kagglehub  # noqa: F401 (fixtures)
 from tests.test_origin_kaggle_api import BIG, archive, downloaded, md5s, members  # noqa: F401 (fixtures)
@@ -127,3 +129,24 @@ def test_a_kagglehub_file_cut_once_is_resumed_and_kagglehub_gets_every_file(
     assert files == md5s(members)
     assert [g["range"] for g in clean_origin.storage_gets(model, BIG)] == [None, f"bytes={1 << 20}-"]
     assert mirror.metric("hubproxy_upstream_resumes_total", reason="cut") == 1
+
+
+def test_an_object_replaced_under_an_origin_ignoring_if_match_is_told_by_its_etag_and_not_resumed_again(
+        proxy, origin, archives):
+    """An origin that ignores If-Match answers the resume 206 from the replaced object: the other
+    ETag on that 206 is what shows the bytes would not continue the ones already sent."""
+    model = _held_then_cut(origin, archives)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        client = pool.submit(download, f"{proxy.url}/{model.handle}")
+        origin.wait_held(1)
+        origin.faults(model, hold_after=None, replaced=True, ignore_if_match=True)
+        origin.release()
+        got = client.result(timeout=600)
+
+    assert got.status == 200 and not got.complete, f"the client was not cut: {got}"
+    assert got.received <= CUT
+    assert _nothing_committed(proxy)
+    gets = origin.storage_gets(model)
+    assert [(g["range"], g["if_match"], g["status"]) for g in gets] == [
+        (None, None, 200), (f"bytes={CUT}-", _etag(archives.padded), 206)], "a changed object is not resumed again"
+    assert "changed (another ETag)" in proxy.log.read_text()

@@ -15,7 +15,7 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from hubproxy.serve.components import METRICS
+from hubproxy.serve.components import METRICS, SERVING
 from tests.conftest import stand_in_archive
 from tests.in_process import origin_paused, release_when_held, serving, settings_for, until
 
@@ -121,6 +121,24 @@ def test_pipelined_requests_are_answered_in_the_order_they_were_sent(clean_origi
 
     assert answers == [(200, "MISS", open(cold.file, "rb").read()), (200, "HIT", cached_bytes), (200, "HIT", b""),
                        (304, "HIT", b""), (200, None, b"ok\n")]
+
+
+def test_blobs_no_longer_being_sent_leave_nothing_behind_in_the_busy_set(clean_origin, tmp_path):
+    """A hit's blob is busy (never evicted) while it is sent; the count of sends kept a key for every
+    blob ever served, so a long-running mirror's memory grew with each archive it sent."""
+    models = [clean_origin.register(stand_in_archive(tmp_path / f"served-{n}.tar.gz", 50_000)) for n in range(3)]
+    settings = settings_for(clean_origin, tmp_path / "cache")
+
+    async def scenario():
+        async with serving(settings) as (base_url, app):
+            async with aiohttp.ClientSession() as session:
+                for model in models:
+                    await _prime(base_url, model)
+                    assert (await _get(session, f"{base_url}/{model.handle}"))[1] == "HIT"
+            await until(lambda: sum(app[SERVING].values()) == 0, "every hit's send ended")
+            return dict(app[SERVING])
+
+    assert asyncio.run(scenario()) == {}
 
 
 def _pipeline(base_url: str, requests: list[tuple[str, str, dict]]) -> list[tuple[int, str | None, bytes]]:

@@ -4,6 +4,7 @@ keep-alive connection is closed after keepalive_timeout; a client that behaves i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import socket
@@ -11,6 +12,8 @@ import ssl
 
 import pytest
 
+from hubproxy.config import load_settings
+from hubproxy.serve import accesslog, runtime
 from tests.conftest import run_cli
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: mirror\r\n"
@@ -133,6 +136,22 @@ def test_an_idle_keep_alive_connection_gets_no_408(proxy_factory, clean_origin):
         sock.sendall(HEAD + b"\r\n")
         assert _read_response(sock).startswith(b"HTTP/1.1 200")
         assert _until_eof(sock) == b""
+
+
+def test_the_server_hands_its_default_keepalive_timeout_to_aiohttp_not_aiohttps_hour(tmp_path):
+    """Checked where aiohttp reads it, each connection's handler, in the runner the server builds:
+    idling out the 75 s default (or aiohttp's 3630 s) through a socket would take that long."""
+    settings = load_settings(environ={}, overrides={"cache_dir": str(tmp_path / "cache")})
+
+    async def connection_keepalive() -> float:
+        runner = runtime.app_runner(settings, accesslog.AccessLog(enabled=False))
+        await runner.setup()
+        try:
+            return runner.server().keepalive_timeout
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(connection_keepalive()) == 75
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(proxy_factory, clean_origin):

@@ -28,6 +28,7 @@ import diskcache
 
 from .diskhealth import disk_trouble
 from .flightlocks import FlightLocks
+from .memo import Memo
 from .readonly import ReadOnlyCache, ReadOnlyIndex
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -51,9 +52,10 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = False, memo_seconds: float = MEMO_SECONDS):
         """read_only: open the index with ReadOnlyIndex and never write (a cache on a read-only
-        mount): hits are not counted into the index, clear_temp does nothing, writes raise EROFS."""
+        mount): hits are not counted into the index, clear_temp does nothing, writes raise EROFS.
+        memo_seconds: how long lookup trusts an index read (another process's changes show after it)."""
         self.root = Path(root).expanduser().resolve()
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
@@ -68,7 +70,7 @@ class Store:
                 directory.mkdir(parents=True, exist_ok=True)
             self._index = diskcache.Cache(str(self.root / "index"), eviction_policy="none", size_limit=2**62)
             self.flights = FlightLocks(self.root)
-        self._memo: dict[str, tuple[Entry, float]] = {}  # key → (entry, valid until, monotonic)
+        self._memo: Memo[Entry] = Memo(memo_seconds, MEMO_ENTRIES)
         self._pending_hits: dict[str, tuple[int, float]] = {}  # key → (hits, last access)
 
     def close(self) -> None:
@@ -101,17 +103,16 @@ class Store:
 
     def lookup(self, key: str) -> Entry | None:
         """The entry for key if its blob is present. Index reads (and the blob's presence) are
-        memoised for MEMO_SECONDS, so changes made by another process show within that time."""
-        now = time.monotonic()
-        memo = self._memo.get(key)
-        if memo is not None and memo[1] > now:
-            return memo[0]
+        memoised for memo_seconds, so changes made by another process show within that time."""
+        entry = self._memo.get(key)
+        if entry is not None:
+            return entry
         raw = self._index.get(key)
         entry = Entry(**raw) if raw is not None else None
         if entry is None or not self.has_blob(entry):
-            self._memo.pop(key, None)
+            self._memo.forget(key)
             return None
-        self._remember(entry, now)
+        self._memo.put(key, entry)
         return entry
 
     def open_blob(self, entry: Entry) -> BinaryIO | None:
@@ -123,16 +124,11 @@ class Store:
             return None
 
     def has_blob(self, entry: Entry) -> bool:
-        """Whether the blob is on disk now (lookup's answer may be up to MEMO_SECONDS old)."""
+        """Whether the blob is on disk now (lookup's answer may be up to memo_seconds old)."""
         return os.path.isfile(self._blob_file(entry.sha256))
 
     def forget(self, key: str) -> None:
-        self._memo.pop(key, None)
-
-    def _remember(self, entry: Entry, now: float) -> None:
-        if len(self._memo) >= MEMO_ENTRIES:
-            self._memo.clear()
-        self._memo[entry.key] = (entry, now + MEMO_SECONDS)
+        self._memo.forget(key)
 
     def record_hit(self, key: str) -> None:
         """Count a hit in memory; take_hits + write_hits put the counts in the index (never read-only)."""
@@ -181,7 +177,7 @@ class Store:
                 raw = self._index.get(key)
                 if raw is not None and not os.path.isfile(self._blob_file(raw["sha256"])):
                     self._index.delete(key)
-                    self._memo.pop(key, None)
+                    self._memo.forget(key)
                     dropped += 1
         return dropped
 
@@ -199,14 +195,14 @@ class Store:
                 return False
             raw["pinned"] = pinned
             self._index.set(key, raw)
-        self._memo.pop(key, None)
+        self._memo.forget(key)
         return True
 
     def remove_keys(self, keys: list[str]) -> None:
         with self._index_write():
             for key in keys:
                 self._index.delete(key)
-                self._memo.pop(key, None)
+                self._memo.forget(key)
 
     def delete_unused_blobs(self, sha256s: list[str]) -> list[str]:
         """Delete those blobs no index entry names any more; returns the ones deleted. Decided and
@@ -292,7 +288,7 @@ class Store:
                     _fsync_dir(blob.parent)
                 return self._index_entry(key, sha256, size, etag=etag, content_type=content_type, source=source)
         except BaseException:
-            self._memo.pop(key, None)
+            self._memo.forget(key)
             with contextlib.suppress(Exception):  # a disk that refused the entry may refuse this too: reconcile
                 self.delete_unused_blobs([sha256])
             raise
@@ -314,7 +310,7 @@ class Store:
         entry = Entry(key=key, sha256=sha256, size=size, etag=etag, content_type=content_type,
                       source=source, fetched=now, last_access=now)
         self._index.set(key, dataclasses.asdict(entry))
-        self._remember(entry, time.monotonic())
+        self._memo.put(key, entry)
         return entry
 
     @contextlib.contextmanager

@@ -11,8 +11,11 @@ when If-Range, if given, is that strong ETag.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import email.utils
 import re
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -124,20 +127,29 @@ async def _send_blob(request: web.Request, entry: Entry, outcome: str, response:
     if blob is None:
         return None
     _count(request, entry, outcome)
-    serving = request.app[SERVING]
-    serving[entry.sha256] += 1  # not evicted while being sent
     try:
-        with blob:
+        with blob, _being_sent(request.app[SERVING], entry.sha256):
             await wire.start(request, response)
             await wire.send_file(request, response, blob, start, stop - start)
             await response.write_eof()
     except ConnectionError:
         return response  # the client left; nothing of ours to clean up
-    finally:
-        serving[entry.sha256] -= 1
     request[BODY_BYTES_KEY] = stop - start
     request.app[METRICS].cache_bytes_served.inc(stop - start)
     return response
+
+
+@contextlib.contextmanager
+def _being_sent(serving: collections.Counter, sha256: str) -> Iterator[None]:
+    """The blob counts as being sent (so it is not evicted) until the block ends; one no longer sent
+    leaves no key behind, or the counter would grow by every blob ever served."""
+    serving[sha256] += 1
+    try:
+        yield
+    finally:
+        serving[sha256] -= 1
+        if serving[sha256] <= 0:
+            del serving[sha256]
 
 
 def _count(request: web.Request, entry: Entry, outcome: str) -> None:

@@ -5,8 +5,9 @@ Invariants: a streamed response ends with its terminating chunk only after the a
 verified (and committed, unless the disk refuses it), otherwise the connection is cut; HTTP/1.0
 clients, which cannot be told of a cut, get only verified, stored archives, and so does a request
 for a byte range, answered 206 from the committed blob (never a 200: a resuming client appends
-what it gets); a reader whose client has left is detached within CLIENT_CHECK_SECONDS, however
-long the fetch it waits on takes; this module asks the flight for spans and never builds a file path.
+what it gets), fetched again as a miss when that blob is purged as it is committed; a reader whose
+client has left is detached within CLIENT_CHECK_SECONDS, however long the fetch it waits on takes;
+this module asks the flight for spans and never builds a file path.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from ..handles import Handle
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import FLIGHTS, METRICS, SETTINGS, UPSTREAM
-from .hits import asks_for_range, serve_hit
+from .hits import asks_for_range, serve_hit, serve_if_cached
 from .replies import JOIN, MISS, X_CACHE, error
 
 log = logging.getLogger(__name__)
 
 CLIENT_CHECK_SECONDS = 1.0  # how often a reader waiting on its fetch looks whether its client is still there
 CLIENT_LEFT = 499  # logged for a request whose client left before it had an answer (as nginx does)
+FETCHES_AFTER_A_PURGE = 1  # times a request whose archive was purged as it was committed fetches it again
 T = TypeVar("T")
 
 
@@ -40,7 +42,23 @@ async def serve_flight(request: web.Request, key: str, url: str, *, post_json: d
     """Join (or start) the flight for key, whose first hop is url (a POST of post_json when given).
     resumable: the client may resume what it got (kagglehub), so a miss is sent with the
     Content-Length, x-goog-hash and Accept-Ranges the origin gave, not chunked; a cut still leaves
-    it short of that length."""
+    it short of that length. A request that waits for the committed archive (HTTP/1.0, a Range)
+    and finds it purged as it was committed is a miss again: a vanished blob is a miss, not an error."""
+    for attempt in range(1 + FETCHES_AFTER_A_PURGE):
+        if attempt:
+            log.info("%s was purged as it was committed; fetching it again", key)
+            response = await serve_if_cached(request, key)  # unless another request has fetched it since
+            if response is not None:
+                return response
+        response = await _follow_flight(request, key, url, post_json, archive, resumable)
+        if response is not None:
+            return response
+    return error(503, f"{key} was purged each time it was committed; ask again", headers={X_CACHE: MISS})
+
+
+async def _follow_flight(request: web.Request, key: str, url: str, post_json: dict | None, archive: bool,
+                         resumable: bool) -> web.StreamResponse | None:
+    """serve_flight's answer from one flight; None when the archive it committed was purged at once."""
     streaming = request.version >= (1, 1) and request.method != "HEAD" and not asks_for_range(request)
     async with request.app[FLIGHTS].join(key, url, streaming=streaming, post_json=post_json, archive=archive) as (
             flight, joined):
@@ -117,18 +135,17 @@ async def _send_spans(request: web.Request, response: web.StreamResponse, flight
                 request[BODY_BYTES_KEY] += length
 
 
-async def _serve_when_committed(request: web.Request, flight: Flight, outcome: str) -> web.StreamResponse:
+async def _serve_when_committed(request: web.Request, flight: Flight, outcome: str) -> web.StreamResponse | None:
     """HTTP/1.0 has no chunked encoding to withhold the end with, and a range is cut from a
     verified blob only: such requests wait for the committed archive and are answered like a hit
-    (Content-Length, 206 for a range)."""
+    (Content-Length, 206 for a range); None when its blob is gone (purged as it was committed)."""
     try:
         entry = await _unless_client_leaves(request, flight.finished())
     except FetchFailed as e:
         return error(e.status, e.message, headers={X_CACHE: outcome})
     except ConnectionError:
         return error(CLIENT_LEFT, "the client left before the fetch ended", headers={X_CACHE: outcome})
-    response = await serve_hit(request, entry, outcome=outcome)
-    return response or error(503, f"{entry.key} was purged as it was committed; ask again", headers={X_CACHE: outcome})
+    return await serve_hit(request, entry, outcome=outcome)
 
 
 async def head_upstream(request: web.Request, handle: Handle) -> web.Response:

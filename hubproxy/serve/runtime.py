@@ -95,6 +95,16 @@ def _aiohttp_first(server: web.Server, connection: Connection) -> asyncio.Protoc
     return server()
 
 
+def app_runner(settings: Settings, access_log: accesslog.AccessLog) -> web.AppRunner:
+    """aiohttp's runner of the app, with the access log and the idle keep-alive timeout of settings
+    (aiohttp's own default keeps an idle connection for an hour); a drain's cut handlers get
+    CUT_HANDLERS_SECONDS to end."""
+    return web.AppRunner(create_app(settings), access_log_class=access_log.aiohttp_logger_class(),
+                         access_log=logging.getLogger("hubproxy.access"),
+                         keepalive_timeout=settings.keepalive_timeout_seconds,
+                         shutdown_timeout=CUT_HANDLERS_SECONDS)
+
+
 async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], worker: bool = False,
                               sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; `announce` gets the URL once connections are accepted.
@@ -102,11 +112,8 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     and stops on its parent's SIGTERM only. sock: bound already (else bound here); closed at the end."""
     signals = StopSignals((signal.SIGTERM,) if worker else STOP_SIGNALS)
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
-    app = create_app(settings)
-    runner = web.AppRunner(app, access_log_class=access_log.aiohttp_logger_class(),
-                           access_log=logging.getLogger("hubproxy.access"),
-                           keepalive_timeout=settings.keepalive_timeout_seconds,
-                           shutdown_timeout=CUT_HANDLERS_SECONDS)
+    runner = app_runner(settings, access_log)
+    app = runner.app
     await runner.setup()
     listener = None
     loop = asyncio.get_running_loop()
