@@ -271,6 +271,29 @@ def test_herd_on_a_full_disk_shares_one_upstream_fetch(proxy_factory, clean_orig
     assert small_disk.stored_files() == []
 
 
+def test_a_process_passing_an_archive_through_lets_another_on_the_cache_fetch_it_alone(
+        proxy_factory, clean_origin, small_disk, archives):
+    """Another process cannot follow bytes held in a leader's memory; told so (the lock file's mode,
+    which takes no space on the full disk), it fetches on its own instead of waiting for the end."""
+    leader, other = proxy_factory(small_disk.cache_dir), proxy_factory(small_disk.cache_dir)
+    model = clean_origin.register(archives.padded)
+    clean_origin.faults(model, hold_after=2 << 20)
+    small_disk.fill(leave=0)
+    first: list = []
+    held = threading.Thread(target=lambda: first.append(leader.get(_archive_path(model))[2]))
+    held.start()
+    clean_origin.wait_held(1)
+    clean_origin.faults(model, hold_after=None)  # what the other process asks for is not held
+
+    status, _, body = other.get(_archive_path(model))  # while the leader's fetch is still held
+    assert (status, body) == (200, archives.padded.read_bytes())
+    clean_origin.release()
+    held.join(timeout=120)
+    assert first == [archives.padded.read_bytes()]
+    assert clean_origin.object_gets(model) == 2
+    assert small_disk.stored_files() == []
+
+
 def test_pass_through_memory_is_paced_by_a_slow_client(proxy_factory, clean_origin, small_disk, tmp_path):
     """Without the disk, a fast origin and a slow client would pile the archive up in memory."""
     size = 96 << 20

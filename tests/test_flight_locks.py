@@ -6,11 +6,13 @@ never name a file outside the cache's tmp/.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from hubproxy.cache.flightlocks import FlightLocks, Lead, Watch
 from hubproxy.cache.store import Store
-from hubproxy.fetch.follow import Partial
+from hubproxy.fetch.flight import Flight, State
+from hubproxy.fetch.follow import Follow, Next, Partial
 
 KEY = "tfhub:/google/x/1"
 
@@ -55,4 +57,28 @@ def test_a_description_never_names_a_file_outside_the_caches_tmp(tmp_path):
                                store).temp == store.tmp / "fetch-ab_9.part"
     assert Partial.from_record({"passing": True}, store) is None
     assert Partial.from_record({"temp": "fetch-ab.part", "headers": "junk"}, store) is None
+    store.close()
+
+
+def test_a_follower_begins_only_once_the_leaders_file_holds_bytes(tmp_path):
+    """A leader that fails on its first bytes leaves followers with nothing sent: they start over
+    (and answer their clients with a status of their own) rather than cut a 200 already begun."""
+    store = Store(tmp_path / "cache")
+    temp_fd, temp = store.new_temp_file()
+    lead = FlightLocks(store.root).try_lead(KEY)
+    lead.describe({"temp": temp.name, "headers": [["Content-Length", "100"]], "final": "x"})
+
+    async def follow_then_leader_fails():
+        flight = Flight(KEY, "http://origin/x")
+        following = asyncio.create_task(Follow(flight, FlightLocks(store.root).try_lead(KEY), store).run())
+        while flight.temp_path is None:  # it has read the description and opened the (empty) file
+            await asyncio.sleep(0.01)
+        state_then = flight.state
+        store.discard(temp)
+        lead.end()  # failed cleanly
+        return state_then, await following
+
+    state_then, outcome = asyncio.run(follow_then_leader_fails())
+    assert (state_then, outcome) == (State.CONNECTING, Next.START_OVER)
+    os.close(temp_fd)
     store.close()

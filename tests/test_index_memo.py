@@ -40,7 +40,7 @@ def test_a_cache_that_saw_many_keys_keeps_no_expired_index_read_in_memory(tmp_pa
 
 
 def test_a_hot_key_is_answered_from_the_memo_until_its_time_is_up(tmp_path):
-    remembering, forgetful = Store(tmp_path / "cache"), Store(tmp_path / "cache", memo_seconds=0)
+    remembering, forgetful = Store(tmp_path / "cache", memo_seconds=3600), Store(tmp_path / "cache", memo_seconds=0)
     key = _commit(remembering, 1)
     assert remembering.lookup(key) is not None and forgetful.lookup(key) is not None
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,12 +108,14 @@ def test_a_worker_that_dies_is_replaced_and_a_stop_drains_them_all(proxy_factory
     # Once the parent has seen it go, its last thread is gone and its socket closed with it (the
     # connections it had queued are reset); from then on every connection reaches a live worker.
     proxy.wait_for_log(f"(pid {first}) exited with status -9; starting another")
+    deadline = time.monotonic() + 120
     while True:  # until the parent has started another
         status, _, body = proxy.get(f"/{model.handle}")
         assert (status, body) == (200, archives.small.read_bytes())
         now = _workers(proxy.process.pid)
         if len(now) == 2 and first not in now:
             break
+        assert time.monotonic() < deadline, "no worker replaced the one killed"
     assert second in now
     metrics_dirs = {arg for arg in Path(f"/proc/{now[0]}/environ").read_bytes().split(b"\0")
                     if arg.startswith(b"PROMETHEUS_MULTIPROC_DIR=")}

@@ -6,7 +6,8 @@ Invariants: at most one process holds a key's lock (flock on flights/<h>.lock, w
 checked after locking, so a lock file unlinked meanwhile is never mistaken for the lock); a leader
 that ends cleanly (committed or failed) unlinks the lock and its description before it lets go, so
 a lock found free with its file still in place means its leader died (the kernel frees a dead
-process's locks). Descriptions hold no secret (no query string, no credential). Knows no HTTP.
+process's locks); a leader whose disk refuses writes says so in the lock file's mode (0400), which
+takes no disk space. Descriptions hold no secret (no query string, no credential). Knows no HTTP.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
+
+LEADING, PASSING = 0o600, 0o400  # the lock file's mode: the leader's bytes are in its temp file, or in memory only
 
 
 class FlightLocks:
@@ -35,7 +39,11 @@ class FlightLocks:
         """Lead key's fetch (its lock taken) or, when another process holds the lock, watch that one."""
         lock_path, record_path = self._paths(key)
         while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LEADING)
+            except FileNotFoundError:  # flights/ removed under a running cache: make it again
+                self.dir.mkdir(exist_ok=True)
+                fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LEADING)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -54,6 +62,8 @@ class Lead:
     def __init__(self, fd: int, lock_path: Path, record_path: Path):
         self._fd: int | None = fd
         self.lock_path, self.record_path = lock_path, record_path
+        self.described = False
+        os.fchmod(fd, LEADING)  # a dead leader may have left it saying PASSING
 
     def describe(self, record: dict[str, Any]) -> bool:
         """Publish what followers need (atomically: they never read half a description); False when
@@ -66,7 +76,13 @@ class Lead:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
             return False
+        self.described = True
         return True
+
+    def passing(self) -> None:
+        """The disk refuses this fetch's bytes: followers cannot tail them, and fetch on their own."""
+        with contextlib.suppress(OSError):
+            os.fchmod(self._fd, PASSING)
 
     def record(self) -> dict[str, Any] | None:
         """The description a previous (dead) leader left, if any."""
@@ -84,11 +100,12 @@ class Lead:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "Lead":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.end()
+    def abandon(self) -> None:
+        """Let go as a process that dies does: lock file and description stay, so that a follower
+        takes the fetch over from the temp file (this process is stopping mid-fetch)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Watch:
@@ -100,6 +117,10 @@ class Watch:
 
     def record(self) -> dict[str, Any] | None:
         return _read_record(self.record_path)
+
+    def passing(self) -> bool:
+        """Whether the leader's bytes are in its memory only (its disk refused them)."""
+        return stat.S_IMODE(os.fstat(self._fd).st_mode) == PASSING
 
     def leader_gone(self) -> "Lead | bool":
         """False while the leader holds the lock. Once it lets go: the lock, held now by this

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import re
@@ -86,10 +87,8 @@ class Store:
         for leftover in self.tmp.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
-            elif _held_by_a_live_process(leftover):
+            elif not _unlinked_unless_held(leftover):
                 continue
-            else:
-                leftover.unlink()
             removed += 1
         return removed
 
@@ -265,6 +264,9 @@ class Store:
         fd = os.open(temp_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held, there = os.fstat(fd), os.stat(temp_path)  # unlinked by a clean-up while we locked it?
+            if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+                raise FileNotFoundError(errno.ENOENT, "taken by a start-up clean-up", str(temp_path))
         except BaseException:
             os.close(fd)
             raise
@@ -334,18 +336,25 @@ class Store:
         temp_path.unlink(missing_ok=True)
 
 
-def _held_by_a_live_process(path: Path) -> bool:
+def _unlinked_unless_held(path: Path) -> bool:
+    """Unlink path unless a live process holds its lock; the unlink is done under this probe's own
+    lock, so a process about to take a dead fetch over (reopen_temp) finds it either whole or gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False  # gone already, or not a plain file: unlink decides
+    except FileNotFoundError:
+        return False
+    except OSError:  # not a plain file (a symlink, a fifo): nothing could hold it
+        path.unlink(missing_ok=True)
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        return False
+    else:
+        path.unlink(missing_ok=True)
         return True
     finally:
         os.close(fd)  # releases the probe's own lock, if it got one
-    return False
 
 
 def _fsync_file(path: Path) -> None:

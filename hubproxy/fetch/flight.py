@@ -181,9 +181,12 @@ class Flight:
         wave.set_result(None)
 
     def readers_follow(self, temp_path) -> None:
-        """The archive is being written to temp_path: readers send from it."""
-        self._read_fd = os.open(temp_path, os.O_RDONLY | os.O_CLOEXEC)
-        self.temp_path = temp_path
+        """The archive is being written to temp_path: readers send from it (from another file than
+        before only while connecting, when no reader has opened one)."""
+        fd = os.open(temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+        self._read_fd, self.temp_path = fd, temp_path
 
     def on_disk(self) -> int:
         """How many bytes the file readers follow holds now (another process may be writing it)."""

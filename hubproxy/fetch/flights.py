@@ -37,6 +37,7 @@ class Flights:
         self._active: dict[str, Flight] = {}  # the flight a newcomer for the key joins
         self._tasks: dict[Flight, asyncio.Task] = {}  # including pass-through flights no newcomer can join
         self.on_commit: Callable[[], None] | None = None
+        self._locks_refused = False  # said once: a flight lock could not be taken
 
     def keys(self) -> set[str]:
         """Keys being fetched right now (never to be evicted or purged)."""
@@ -65,24 +66,26 @@ class Flights:
     def _start(self, key: str, url: str, post_json: dict | None, archive: bool) -> tuple[Flight, bool]:
         """A new flight for key: (it, whether it follows another process's fetch of key)."""
         alone = key in self._active  # its flight here passes through memory, so it cannot be joined: fetch alone
+        claim = None if alone else self._claim(key)
         flight = Flight(key, url, post_json, archive)
         flight.on_end = self._ended
         self._active[key] = flight
-        claim = None if alone else self._claim(key)
         self._tasks[flight] = asyncio.create_task(self._run(flight, claim), name=f"flight {key}")
-        self._metrics.flights_in_progress.inc()
         return flight, isinstance(claim, Watch)
 
     def _claim(self, key: str) -> Lead | Watch | None:
         """key's lock (lead its fetch), a watch on the process that has it (follow), or None: the
-        cache keeps no locks (read-only), or its disk refuses the lock file: fetch alone."""
+        cache keeps no locks (read-only), or they cannot be had (a full disk, flights/ gone or not
+        ours, no file descriptor left): fetch alone, as a single process does."""
         if self._store.flights is None:
             return None
         try:
             return self._store.flights.try_lead(key)
         except OSError as e:
-            if disk_trouble(e) is None:
-                raise
+            if not self._locks_refused:
+                log.warning("cannot take the flight lock of %s (%s): fetching without single flight across "
+                            "processes until it can", key, disk_trouble(e) or e.strerror or type(e).__name__)
+            self._locks_refused = True
             return None
 
     async def _run(self, flight: Flight, claim: Lead | Watch | None) -> None:
@@ -96,9 +99,18 @@ class Flights:
                     return
                 claim = self._claim(flight.key) if outcome is Next.START_OVER else \
                     None if outcome is Next.ON_OUR_OWN else outcome
-            with claim or contextlib.nullcontext():
+            try:
                 await self._lead(flight, claim)
+            except asyncio.CancelledError:
+                if claim is not None and claim.described:
+                    claim.abandon()  # stopping mid-fetch: a follower elsewhere takes it over, as from a crash
+                raise
+            finally:
+                if claim is not None:
+                    claim.end()
         except asyncio.CancelledError:
+            if isinstance(claim, Watch):
+                claim.close()
             self._end_unless_ended(flight, FetchFailed(503, "hubproxy is shutting down"))
             raise
         except Exception as e:  # a bug or a disk error must still end every reader's stream
@@ -115,6 +127,7 @@ class Flights:
             flight.ended(State.FAILED, error=FetchFailed(502, f"the fetch of {flight.key} by a hubproxy process "
                                                               "that died left nothing to go on from"))
             return
+        self._metrics.flights_in_progress.inc()  # upstream fetches: a flight that follows another process's is none
         await Ingest(flight, self._store, self._upstream, self.health, lead=lead, partial=partial,
                      on_resume=lambda reason: self._metrics.upstream_resumes.labels(reason).inc()).run()
 
@@ -124,12 +137,12 @@ class Flights:
             flight.ended(State.FAILED, error=error)
 
     def _ended(self, flight: Flight) -> None:
-        self._metrics.flights_in_progress.dec()
         self._tasks.pop(flight, None)
         if self._active.get(flight.key) is flight:
             del self._active[flight.key]
         if not flight.fetched_here:
             return  # followed from another process, which counts its own fetch
+        self._metrics.flights_in_progress.dec()
         if flight.state is State.PASSED:
             self._metrics.passthrough_fetches.inc()
         if flight.error is not None:

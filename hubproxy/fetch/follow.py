@@ -5,7 +5,7 @@ Invariants: the readers get the final HOLDBACK bytes only once the leader's entr
 and the file they read is that entry's blob (same inode, or the same sha256); a leader that ends
 without a commit fails the readers that may have bytes (a cut, never a clean end), and lets the
 others start over; a leader that died is taken over (its lock, then its temp file); nothing here
-writes to the cache.
+writes to the cache but the flight lock it takes from a dead leader.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Partial:
 
     @classmethod
     def from_record(cls, record: dict | None, store: Store) -> "Partial | None":
-        if record is None or record.get("passing"):
+        if record is None:
             return None
         try:
             temp = store.temp_named(str(record.get("temp")))
@@ -61,9 +61,6 @@ def describe(temp_name: str, headers, final: str) -> dict:
     """What a leader publishes once its body flows (no query string: final is stripped of it)."""
     return {"temp": temp_name, "final": final,
             "headers": [[name, value] for name in DESCRIBED_HEADERS for value in headers.getall(name, [])]}
-
-
-PASSING = {"passing": True}  # the leader's bytes are in its memory only: nothing to tail
 
 
 class Follow:
@@ -87,25 +84,27 @@ class Follow:
             if gone:
                 return await self._leader_gone(gone)
             if flight.state is State.CONNECTING:
-                record = self._watch.record()
-                if record is not None and record.get("passing"):
+                if self._watch.passing():
                     return Next.ON_OUR_OWN
-                if self._start_tailing(Partial.from_record(record, self._store)):
-                    flight.streaming()
+                self._start_tailing(Partial.from_record(self._watch.record(), self._store))
             else:
                 flight.advance(flight.on_disk())
             await asyncio.sleep(POLL_SECONDS)
 
-    def _start_tailing(self, partial: Partial | None) -> bool:
-        """Open the leader's temp file for the readers; False when it is not there (yet, or any more)."""
+    def _start_tailing(self, partial: Partial | None) -> None:
+        """Once the leader's temp file holds bytes, the readers follow it (until then, no reader has
+        a byte: a leader that fails on its first ones lets them start over rather than cuts them)."""
+        flight = self._flight
         if partial is None:
-            return False
-        try:
-            self._flight.readers_follow(partial.temp)
-        except FileNotFoundError:
-            return False
-        self._flight.evidence = partial.evidence
-        return True
+            return
+        if flight.temp_path != partial.temp:
+            try:
+                flight.readers_follow(partial.temp)
+            except FileNotFoundError:
+                return
+        if flight.on_disk() > 0:
+            flight.evidence = partial.evidence
+            flight.streaming()
 
     async def _leader_gone(self, gone: Lead | bool) -> Next | Lead:
         """The leader let go: its entry (ours to serve), or its lock (it died: ours to go on with)."""

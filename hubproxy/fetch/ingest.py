@@ -31,7 +31,7 @@ from ..handles import strip_query
 from .errors import FetchFailed
 from .evidence import Digests, Evidence, check_archive_start, check_complete, refuse_unverifiable
 from .flight import Flight, State
-from .follow import PASSING, Partial, describe
+from .follow import Partial, describe
 from .resume import ResumableBody, resume_from
 from .upstream import Upstream
 
@@ -73,6 +73,7 @@ class Ingest:
         self._temp: Path | None = None
         self._write_fd: int | None = None
         self._disk_failed = False
+        self._stopped = False  # cancelled: this process is stopping
 
     async def run(self) -> None:
         flight = self._flight
@@ -98,6 +99,7 @@ class Ingest:
             error = FetchFailed(502, f"upstream transfer broke after {flight.received} bytes: {type(e).__name__}")
         except asyncio.CancelledError:
             error = FetchFailed(503, "hubproxy is shutting down")
+            self._stopped = True
             raise
         except Exception as e:  # a bug or a disk error must still end every reader's stream
             log.exception("flight %s crashed", flight.key)
@@ -105,12 +107,17 @@ class Ingest:
         finally:
             if self._write_fd is not None:
                 os.close(self._write_fd)
-            if state is not State.COMMITTED and self._temp is not None:
+            if state is not State.COMMITTED and self._temp is not None and not self._left_to_a_successor():
                 with contextlib.suppress(OSError):  # a read-only disk keeps it until clear_temp at start
                     self._store.discard(self._temp)
             if error is not None:
                 log.warning("fetch of %s failed: %s", flight.key, error.message)
             flight.ended(state, entry, error)
+
+    def _left_to_a_successor(self) -> bool:
+        """Stopping mid-fetch (cancelled) with other processes told of the temp file: it stays, for
+        one of them to take the fetch over (flights.py abandons the lock as a dead process would)."""
+        return self._stopped and self._lead is not None and self._lead.described
 
     async def _begin(self) -> tuple[ResumableBody, Digests, str]:
         """Ask upstream; once its answer may be vouched for, open the temp file and describe the
@@ -135,9 +142,9 @@ class Ingest:
         rest from upstream with Range + If-Match, so its followers' readers go on undisturbed."""
         flight = self._flight
         try:
-            self._write_fd = self._store.reopen_temp(partial.temp)
             if flight.state is State.CONNECTING:
                 flight.readers_follow(partial.temp)
+            self._write_fd = self._store.reopen_temp(partial.temp)
         except OSError:
             if flight.state is not State.CONNECTING:
                 raise FetchFailed(502, f"the fetch of {flight.key} by a hubproxy process that died left no file "
@@ -238,7 +245,7 @@ class Ingest:
         if not self._store.read_only:
             self._health.failed(reason, f"fetching {self._flight.key}")
         if self._lead is not None:
-            self._lead.describe(PASSING)  # other processes cannot tail memory: they fetch on their own
+            self._lead.passing()  # other processes cannot tail memory: they fetch on their own
         window = self._flight.hold_in_memory(at, PASS_THROUGH_LIMIT)
         for batch in batches:
             if batch.write is not None:
