@@ -6,12 +6,14 @@ a connection is read from /proc, not guessed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,41 @@ def _alive(pid: int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:  # gone (or going: ESRCH)
         return False
+
+
+def _any_thread_alive(pid: int) -> bool:
+    """Whether any thread of pid runs still (its sockets are open until the last one ends)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+    return any(_alive_task(task) for task in tasks)
+
+
+def _alive_task(task: Path) -> bool:
+    try:
+        return "\nState:\tZ" not in (task / "status").read_text()
+    except OSError:
+        return False
+
+
+def _refused(url: str) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _held_download(proxy, origin, archive: Path) -> tuple[threading.Thread, list]:
+    """A GET of archive through proxy, under way: the origin holds its second half until released."""
+    held = origin.register(archive)
+    origin.faults(held, hold_after=archive.stat().st_size // 2)
+    download = []
+    client = threading.Thread(target=lambda: download.append(proxy.get(f"/{held.handle}")))
+    client.start()
+    origin.wait_held(1)
+    return client, download
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -118,12 +155,7 @@ def test_a_worker_that_dies_is_replaced_and_a_stop_drains_them_all(proxy_factory
                     if arg.startswith(b"PROMETHEUS_MULTIPROC_DIR=")}
     metrics_dir = Path(metrics_dirs.pop().split(b"=", 1)[1].decode())
 
-    held = clean_origin.register(archives.padded)
-    clean_origin.faults(held, hold_after=archives.padded.stat().st_size // 2)
-    download = []
-    client = threading.Thread(target=lambda: download.append(proxy.get(f"/{held.handle}")))
-    client.start()
-    clean_origin.wait_held(1)
+    client, download = _held_download(proxy, clean_origin, archives.padded)
     proxy.process.send_signal(signal.SIGTERM)  # the workers drain: the download under way finishes whole
     proxy.wait_for_log("new connections refused")
     clean_origin.release()
@@ -133,6 +165,47 @@ def test_a_worker_that_dies_is_replaced_and_a_stop_drains_them_all(proxy_factory
     assert not any(_alive(pid) for pid in now)
     assert not metrics_dir.exists()
     assert "Traceback" not in proxy.log.read_text()
+
+
+def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_rather_than_cutting_them(
+        proxy_factory, clean_origin, archives, tmp_path):
+    # systemd's default KillMode=control-group, `kill -TERM -PGID` and a shell-wrapped `docker stop`
+    # signal every worker as well as the parent, which passes its own signal on
+    proxy = proxy_factory(tmp_path / "cache", "--workers", "2", preexec_fn=os.setsid)
+    workers = _workers(proxy.process.pid)
+    client, download = _held_download(proxy, clean_origin, archives.padded)
+    os.killpg(proxy.process.pid, signal.SIGTERM)
+    proxy.wait_for_log("stopping on SIGTERM: new connections refused, 1 busy")
+    clean_origin.release()
+    client.join(timeout=120)
+    assert [(status, body) for status, _, body in download] == [(200, archives.padded.read_bytes())]
+    assert proxy.process.wait(timeout=60) == 0
+    assert not any(_alive(pid) for pid in workers)
+    log = proxy.log.read_text()
+    assert "second stop signal" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_workers_whose_parent_is_killed_drain_and_exit(proxy_factory, clean_origin, archives, tmp_path):
+    proxy = proxy_factory(tmp_path / "cache", "--workers", "2")
+    workers = _workers(proxy.process.pid)
+    try:
+        client, download = _held_download(proxy, clean_origin, archives.padded)
+        proxy.process.kill()
+        proxy.process.wait()
+        proxy.wait_for_log("stopping on the parent's exit: new connections refused, 1 busy")
+        proxy.wait_for_log("stopping on the parent's exit: new connections refused, 0 busy")
+        assert _refused(proxy.url)
+        clean_origin.release()
+        client.join(timeout=120)
+        assert [(status, body) for status, _, body in download] == [(200, archives.padded.read_bytes())]
+        while any(_any_thread_alive(pid) for pid in workers):  # orphans: nobody left to report their exit
+            time.sleep(0.05)
+        assert _refused(proxy.url)  # no worker left behind holds the port
+        assert "Traceback" not in proxy.log.read_text()
+    finally:
+        for pid in workers:  # had they outlived their parent for good
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_that_cannot_start_end_serve_with_their_one_line_reason(tmp_path):

@@ -109,13 +109,14 @@ def _failure(settings: Settings, error: Exception) -> str:
     return str(error)
 
 
-def _worker(settings: Settings, announce) -> None:
+def _worker(settings: Settings, announce, orders) -> None:
     """One of serve --workers' processes (a fresh interpreter): serve as `serve` does, on a shared
-    port; a failure to start is announced as its one line for the parent to print."""
+    port, until its parent's orders say stop; a failure to start is announced as its one line for
+    the parent to print."""
     configure_logging(settings.log_level)
     quiet_malformed_requests()
     try:
-        asyncio.run(serve_until_stopped(settings, announce, worker=True))
+        asyncio.run(serve_until_stopped(settings, announce, orders=orders))
     except (CAError, OSError) as e:
         announce(f"error: {_failure(settings, e)}")
         raise SystemExit(2) from None

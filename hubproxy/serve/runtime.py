@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
+import multiprocessing.connection
 import socket
 import ssl
 from typing import Callable
@@ -27,7 +27,7 @@ from ..tls.leaves import Leaves
 from . import accesslog, fdtable
 from .app import create_app
 from .components import METRICS
-from .drain import STOP_SIGNALS, StopSignals, drain_when_signalled
+from .drain import StopSignals, drain_when_signalled
 from .front import Connection, Table
 from .intercept import Doors, ProxyFront
 from .lifecycle import LIFECYCLE
@@ -105,12 +105,14 @@ def app_runner(settings: Settings, access_log: accesslog.AccessLog) -> web.AppRu
                          shutdown_timeout=CUT_HANDLERS_SECONDS)
 
 
-async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], worker: bool = False,
+async def serve_until_stopped(settings: Settings, announce: Callable[[str], None],
+                              orders: multiprocessing.connection.Connection | None = None,
                               sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; `announce` gets the URL once connections are accepted.
-    worker: one of serve --workers' processes (serve/workers.py), which shares its port (SO_REUSEPORT)
-    and stops on its parent's SIGTERM only. sock: bound already (else bound here); closed at the end."""
-    signals = StopSignals((signal.SIGTERM,) if worker else STOP_SIGNALS)
+    orders: one of serve --workers' processes (serve/workers.py), which shares its port (SO_REUSEPORT)
+    and stops on its parent's orders read from this pipe, never on a signal (drain.StopSignals).
+    sock: bound already (else bound here); closed at the end."""
+    signals = StopSignals(orders)
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     runner = app_runner(settings, access_log)
     app = runner.app
@@ -120,7 +122,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
-        sock = listening(sock or bound_socket(settings, reuse_port=worker))
+        sock = listening(sock or bound_socket(settings, reuse_port=orders is not None))
         first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
             first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
