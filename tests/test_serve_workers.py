@@ -217,18 +217,28 @@ def test_workers_that_cannot_start_end_serve_with_their_one_line_reason(tmp_path
     assert len(lines) == 1 and "no-ca" in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_that_is_taken_fails_serve_before_it_makes_the_cache_dir(tmp_path, workers):
+def _plain_listener(proxy_factory, tmp_path) -> tuple[int, contextlib.closing]:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    port = taken.getsockname()[1]
-    try:
+    return taken.getsockname()[1], contextlib.closing(taken)
+
+
+def _serve_with_workers(proxy_factory, tmp_path) -> tuple[int, contextlib.nullcontext]:
+    # SO_REUSEPORT would let a second one of the same user share the port: the kernel would split
+    # the traffic between two services
+    proxy = proxy_factory(tmp_path / "running", "--workers", "2")
+    return int(proxy.url.rsplit(":", 1)[1]), contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("taker", [_plain_listener, _serve_with_workers], ids=["a plain listener", "serve --workers"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_that_is_taken_fails_serve_before_it_makes_the_cache_dir(proxy_factory, tmp_path, taker, workers):
+    port, taken = taker(proxy_factory, tmp_path)
+    with taken:
         result = subprocess.run([sys.executable, "-m", "hubproxy", "serve", "--workers", workers, "--listen",
                                  f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "cache")],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
-    finally:
-        taken.close()
     assert result.returncode == 2
     assert result.stderr.strip() == f"Error: cannot serve on 127.0.0.1:{port}: Address already in use"
     assert not (tmp_path / "cache").exists()

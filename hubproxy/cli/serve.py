@@ -8,7 +8,7 @@ import click
 
 from .. import __version__
 from ..config import MODES, Settings
-from ..serve.runtime import bound_socket, quiet_malformed_requests, serve_until_stopped
+from ..serve.runtime import bound_socket, quiet_malformed_requests, reserved_socket, serve_until_stopped
 from ..serve.workers import WorkerFailed, serve_with_workers
 from ..tls.authority import CAError
 from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
@@ -81,7 +81,7 @@ def serve(config_file, **flags) -> None:
     """
     settings = settings_or_exit(config_file, flags)
     try:  # a port that cannot be had fails before the cache dir is made
-        sock = bound_socket(settings, reuse_port=settings.workers > 1)
+        sock = reserved_socket(settings) if settings.workers > 1 else bound_socket(settings)
     except OSError as e:
         fail(_failure(settings, e))
     with opened_cache(settings.cache_path, must_exist=settings.read_only, read_only=settings.read_only):

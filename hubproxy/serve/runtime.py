@@ -60,20 +60,29 @@ def interception_contexts(settings: Settings) -> Callable[[str], ssl.SSLContext]
     return Leaves(authority.load(settings.ca_path)).context_for
 
 
-def bound_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
-    """A socket bound to settings.listen (port 0 picks a free one); reuse_port: others may bind
-    the same port (SO_REUSEPORT: serve --workers), the kernel spreading connections over them."""
+def bound_socket(settings: Settings, reuse_port: bool = False, port: int | None = None) -> socket.socket:
+    """A socket bound to settings.listen (port 0 picks a free one; port: this one instead); reuse_port:
+    others may bind the same port (SO_REUSEPORT: serve --workers), the kernel spreading connections
+    over them."""
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((settings.listen_host, settings.listen_port))
+        sock.bind((settings.listen_host, settings.listen_port if port is None else port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def reserved_socket(settings: Settings) -> socket.socket:
+    """serve --workers' hold on settings.listen: bound with SO_REUSEPORT for its workers to share,
+    once a plain socket has been bound there, which fails (EADDRINUSE) where anyone listens already,
+    even another serve --workers of this user that SO_REUSEPORT alone would let share the port."""
+    with bound_socket(settings) as plain:  # and port 0 picks a free one for the reservation
+        return bound_socket(settings, reuse_port=True, port=plain.getsockname()[1])
 
 
 def listening(sock: socket.socket) -> socket.socket:

@@ -62,7 +62,7 @@ def serve_with_workers(settings: Settings, announce: Callable[[str], None],
     stop them and wait for them. worker (a module-level function: it is pickled) serves on a
     SO_REUSEPORT socket, tells the URL it listens on, or "error: " and why it cannot, and stops on
     the orders it reads from the pipe `orders` (drain.StopSignals). reservation: a socket bound with
-    SO_REUSEPORT to settings.listen (bound_socket), which holds the port for them all (and resolves
+    SO_REUSEPORT to settings.listen (runtime.reserved_socket), which holds the port for them all (and resolves
     port 0); closed at the end."""
     workers: dict[int, _Worker] = {}
     with contextlib.ExitStack() as undo:  # on the way out, last first: workers stopped, then the rest
