@@ -7,6 +7,7 @@ a connection is read from /proc, not guessed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 CONNECTIONS = 32  # spread over 2 workers by the kernel's hash: all on one would be a 1 in 2**31 chance
 
@@ -215,6 +216,66 @@ def test_workers_that_cannot_start_end_serve_with_their_one_line_reason(tmp_path
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-ca" in lines[0], result.stderr
+
+
+def _intercepting_workers(proxy_factory, tmp_path):
+    """serve --workers 2 --intercept: each worker loads the CA as it starts."""
+    ca = tmp_path / "ca"
+    assert run_cli("ca", "init", "--ca-dir", ca).returncode == 0
+    return proxy_factory(tmp_path / "cache", "--workers", "2", "--intercept", "--ca-dir", ca), ca
+
+
+def test_a_replacement_that_cannot_start_is_tried_again_while_the_other_worker_serves(
+        proxy_factory, clean_origin, archives, tmp_path):
+    proxy, ca = _intercepting_workers(proxy_factory, tmp_path)
+    model = clean_origin.register(archives.small)
+    first, second = _workers(proxy.process.pid)
+    ca.rename(tmp_path / "ca-moved")  # a worker started now cannot load it
+    os.kill(first, signal.SIGKILL)
+    proxy.wait_for_log(f"could not start: {ca / 'ca.pem'} does not exist")
+    proxy.wait_for_log("; trying again in 2s")  # and again, later
+    assert proxy.get(f"/{model.handle}")[::2] == (200, archives.small.read_bytes())
+    (tmp_path / "ca-moved").rename(ca)
+    proxy.wait_for_log("listening again")
+    now = _workers(proxy.process.pid)
+    assert len(now) == 2 and second in now and first not in now
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=60) == 0
+    assert "Traceback" not in proxy.log.read_text()
+
+
+def _write_once_read(fifo: Path, data: bytes) -> None:
+    """data into the FIFO, once a process has opened it to read (given up after a minute)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:  # ENXIO: no reader yet
+            assert e.errno == errno.ENXIO, e
+            time.sleep(0.05)
+            continue
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(data)
+        return
+
+
+def test_a_stop_reaches_the_workers_while_a_replacement_is_still_starting(proxy_factory, tmp_path):
+    proxy, ca = _intercepting_workers(proxy_factory, tmp_path)
+    first, second = _workers(proxy.process.pid)
+    certificate = ca / "ca.pem"
+    pem = certificate.read_bytes()
+    certificate.unlink()
+    os.mkfifo(certificate)  # a worker started now waits for it as it loads the CA
+    try:
+        os.kill(first, signal.SIGKILL)
+        proxy.wait_for_log(f"(pid {first}) exited with status -9; starting another")
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.wait_for_log("stopping on SIGTERM: new connections refused")  # the other worker, at once
+    finally:
+        _write_once_read(certificate, pem)  # the replacement starts, and stops at once
+    assert proxy.process.wait(timeout=60) == 0
+    assert not _alive(second)
+    assert "Traceback" not in proxy.log.read_text()
 
 
 def _plain_listener(proxy_factory, tmp_path) -> tuple[int, contextlib.closing]:

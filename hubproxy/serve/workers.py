@@ -9,7 +9,8 @@ parent's orders, each stop signal the parent gets passed on through a pipe whose
 the parent holds, so that the parent's end, however abrupt, stops the workers too; metrics are
 the sum over the live workers (prometheus_client's multiprocess mode, in a directory of the
 parent's that it removes at exit); a worker that fails before it listens stops them all, with its
-one-line reason, and a worker that dies later is replaced.
+one-line reason, and a worker that dies later is replaced (its replacement, if it cannot start,
+tried again and again, while the others serve).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
@@ -31,6 +33,8 @@ from .drain import STOP_SIGNALS
 log = logging.getLogger(__name__)
 
 _spawn = multiprocessing.get_context("spawn")
+RETRY_FIRST_SECONDS = 1.0  # a replacement that cannot start is tried again this much later,
+RETRY_MAX_SECONDS = 60.0  # then twice as long each time, up to this
 
 
 class WorkerFailed(Exception):
@@ -74,11 +78,10 @@ def serve_with_workers(settings: Settings, announce: Callable[[str], None],
         undo.callback(_stop_all, workers, stop)
         for number in range(settings.workers):
             workers[number] = _started(worker, settings, number)
-        url = ""
-        for started in workers.values():
-            url = _wait_until_listening(started)
-        announce(url)
-        _supervise(worker, settings, workers, stop)
+        urls = [_wait_until_listening(started, stop) for started in workers.values()]
+        if not stop.received:  # else the workers stop, those still starting as soon as they can
+            announce(urls[-1])
+            _Supervisor(worker, settings, workers, stop).run()
 
 
 def _on_port(settings: Settings, host: str, port: int) -> Settings:
@@ -109,8 +112,15 @@ def _stop_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _wait_until_listening(worker: _Worker) -> str:
-    """The URL the worker listens on, once it does; WorkerFailed with its reason when it exits first."""
+def _wait_until_listening(worker: _Worker, stop: _StopSignals) -> str | None:
+    """The URL the worker listens on, once it does, or None when a stop signal comes first;
+    WorkerFailed with its reason when it exits first."""
+    wait([worker.ready, stop.reader])
+    return None if stop.received else _announcement(worker)
+
+
+def _announcement(worker: _Worker) -> str:
+    """The URL a worker that has spoken (or exited) announced; WorkerFailed with its reason if none."""
     try:
         message = worker.ready.recv()
     except EOFError:
@@ -122,21 +132,67 @@ def _wait_until_listening(worker: _Worker) -> str:
     return message
 
 
-def _supervise(worker, settings: Settings, workers: dict[int, _Worker], stop: _StopSignals) -> None:
-    """Until a stop signal: replace a worker that dies (it is the one it was: same number)."""
-    while not stop.received:
-        sentinels = {started.process.sentinel: number for number, started in workers.items()}
-        for sentinel in wait([*sentinels, stop.reader], timeout=None):
-            number = sentinels.get(sentinel)
-            if number is None or stop.received:
-                continue
-            dead = workers[number]
-            dead.end()
-            metrics.process_gone(dead.process.pid)
-            log.warning("worker %d (pid %d) exited with status %s; starting another", number, dead.process.pid,
-                        dead.process.exitcode)
-            workers[number] = _started(worker, settings, number)
-            _wait_until_listening(workers[number])
+class _Supervisor:
+    """Until a stop signal: a worker that dies is replaced (it is the one it was: same number); a
+    replacement that cannot start is logged and tried again RETRY_FIRST_SECONDS later, then twice
+    as long each time up to RETRY_MAX_SECONDS, the others serving meanwhile. It waits on them all
+    and on the stop signal at once: a stop is never held up by a worker still starting."""
+
+    def __init__(self, worker, settings: Settings, workers: dict[int, _Worker], stop: _StopSignals) -> None:
+        self.worker, self.settings, self.workers, self.stop = worker, settings, workers, stop
+        self.starting: set[int] = set()
+        self.delays: dict[int, float] = {}  # number → how long after its next failure it is tried again
+        self.due: dict[int, float] = {}  # number → when (time.monotonic) it is tried again
+
+    def run(self) -> None:
+        while not self.stop.received:
+            events = {self.stop.reader: None}
+            for number, started in self.workers.items():
+                events[started.ready if number in self.starting else started.process.sentinel] = number
+            for event in wait(list(events), self._until_due()):
+                number = events[event]
+                if number is None or self.stop.received:
+                    continue
+                if number in self.starting:
+                    self._heard_from(number)
+                else:
+                    self._died(number)
+            for number in [number for number, when in self.due.items() if when <= time.monotonic()]:
+                del self.due[number]
+                self._start(number)
+
+    def _until_due(self) -> float | None:
+        return max(0.0, min(self.due.values()) - time.monotonic()) if self.due else None
+
+    def _start(self, number: int) -> None:
+        self.workers[number] = _started(self.worker, self.settings, number)
+        self.starting.add(number)
+
+    def _ended(self, number: int) -> _Worker:
+        ended = self.workers.pop(number)
+        ended.end()
+        metrics.process_gone(ended.process.pid)
+        return ended
+
+    def _died(self, number: int) -> None:
+        dead = self._ended(number)
+        log.warning("worker %d (pid %d) exited with status %s; starting another", number, dead.process.pid,
+                    dead.process.exitcode)
+        self._start(number)
+
+    def _heard_from(self, number: int) -> None:
+        self.starting.discard(number)
+        try:
+            _announcement(self.workers[number])
+        except WorkerFailed as e:
+            self._ended(number)
+            delay = self.delays.get(number, RETRY_FIRST_SECONDS)
+            self.delays[number] = min(delay * 2, RETRY_MAX_SECONDS)
+            self.due[number] = time.monotonic() + delay
+            log.warning("worker %d could not start: %s; trying again in %gs", number, e, delay)
+            return
+        self.delays.pop(number, None)
+        log.info("worker %d (pid %d) listening again", number, self.workers[number].process.pid)
 
 
 def _stop_all(workers: dict[int, _Worker], stop: _StopSignals) -> None:
