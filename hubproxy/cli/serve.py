@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from .. import __version__
-from ..config import MODES, Settings
+from ..config import MAX_WORKERS, MODES, Settings
 from ..serve.runtime import bound_socket, quiet_malformed_requests, reserved_socket, serve_until_stopped
 from ..serve.workers import WorkerFailed, serve_with_workers
 from ..tls.authority import CAError
@@ -53,14 +53,14 @@ from .failures import fail, reason
 @setting_option("--drain-timeout", "drain_timeout", "On SIGTERM or SIGINT, how long busy connections may finish "
                 "their transfers (new ones are refused at once); then they are cut. A unit is required (60s, 5m; "
                 "0s: cut at once).", "60s", metavar="DURATION")
-@setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
-                "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
-                "at start.", "0", type=int)
+@setting_option("--max-connections", "max_connections", "Client connections open at once, per process (with "
+                "--workers N, N times that in all); at the cap the longest-idle one is closed for a new one. 0: "
+                "(open-file limit - 192) / 2, the limit raised to its hard maximum at start.", "0", type=int)
 @setting_option("--trusted-proxy", "trusted_proxies", "A load balancer's address or network (CIDR) whose "
                 "X-Forwarded-For/-Proto/-Host are believed: they give the access log's client and the URLs the "
                 "mirror shows. Repeatable; from any other peer they are ignored.", multiple=True, metavar="CIDR")
 @setting_option("--workers", "workers", "Processes serving the port (SO_REUSEPORT) and the cache: each archive is "
-                "still fetched once. One per core is plenty.", "1", type=click.IntRange(1, 256), metavar="N")
+                "still fetched once. One per core is plenty.", "1", type=click.IntRange(1, MAX_WORKERS), metavar="N")
 @setting_option("--read-only", "read_only", "Serve a cache on a read-only mount: hits are served, misses pass "
                 "through unstored (a 504 in offline mode), nothing on the cache is written.", is_flag=True,
                 default=None)
