@@ -52,6 +52,11 @@ def _alive_task(task: Path) -> bool:
         return False
 
 
+def _ignores(pid: int, signum: int) -> bool:
+    ignored = int(Path(f"/proc/{pid}/status").read_text().split("\nSigIgn:\t")[1].split()[0], 16)
+    return bool(ignored & (1 << (signum - 1)))
+
+
 def _refused(url: str) -> bool:
     try:
         socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60).close()
@@ -174,6 +179,7 @@ def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_rather_than
     # signal every worker as well as the parent, which passes its own signal on
     proxy = proxy_factory(tmp_path / "cache", "--workers", "2", preexec_fn=os.setsid)
     workers = _workers(proxy.process.pid)
+    assert all(_ignores(pid, signal.SIGTERM) and _ignores(pid, signal.SIGINT) for pid in workers)
     client, download = _held_download(proxy, clean_origin, archives.padded)
     os.killpg(proxy.process.pid, signal.SIGTERM)
     proxy.wait_for_log("stopping on SIGTERM: new connections refused, 1 busy")
