@@ -66,8 +66,8 @@ def serve_with_workers(settings: Settings, announce: Callable[[str], None],
     stop them and wait for them. worker (a module-level function: it is pickled) serves on a
     SO_REUSEPORT socket, tells the URL it listens on, or "error: " and why it cannot, and stops on
     the orders it reads from the pipe `orders` (drain.StopSignals). reservation: a socket bound with
-    SO_REUSEPORT to settings.listen (runtime.reserved_socket), which holds the port for them all (and resolves
-    port 0); closed at the end."""
+    SO_REUSEPORT to settings.listen (runtime.reserved_socket), which holds the port for them all
+    (and resolves port 0); closed at the end."""
     workers: dict[int, _Worker] = {}
     with contextlib.ExitStack() as undo:  # on the way out, last first: workers stopped, then the rest
         undo.enter_context(reservation)
@@ -103,7 +103,8 @@ def _started(worker, settings: Settings, number: int) -> _Worker:
 @contextlib.contextmanager
 def _stop_signals_held():
     """SIGTERM and SIGINT held back while a worker is started: it inherits the mask, so that one
-    sent to the process group while it starts waits until it ignores them (here it comes after)."""
+    sent to the process group as it starts waits until it ignores them (_run); the parent's own
+    copy is delivered once they are unblocked here."""
     resource_tracker.ensure_running()  # which unblocks them as it starts itself
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -158,8 +159,9 @@ class _Supervisor:
                 else:
                     self._died(number)
             for number in [number for number, when in self.due.items() if when <= time.monotonic()]:
-                del self.due[number]
-                self._start(number)
+                if not self.stop.received:
+                    del self.due[number]
+                    self._start(number)
 
     def _until_due(self) -> float | None:
         return max(0.0, min(self.due.values()) - time.monotonic()) if self.due else None
