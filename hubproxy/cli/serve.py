@@ -7,8 +7,8 @@ import asyncio
 import click
 
 from .. import __version__
-from ..config import MODES, Settings
-from ..serve.runtime import bound_socket, quiet_malformed_requests, serve_until_stopped
+from ..config import MAX_WORKERS, MODES, Settings
+from ..serve.runtime import bound_socket, quiet_malformed_requests, reserved_socket, serve_until_stopped
 from ..serve.workers import WorkerFailed, serve_with_workers
 from ..tls.authority import CAError
 from .common import configure_logging, opened_cache, setting_option, settings_or_exit, upstream_options
@@ -53,14 +53,14 @@ from .failures import fail, reason
 @setting_option("--drain-timeout", "drain_timeout", "On SIGTERM or SIGINT, how long busy connections may finish "
                 "their transfers (new ones are refused at once); then they are cut. A unit is required (60s, 5m; "
                 "0s: cut at once).", "60s", metavar="DURATION")
-@setting_option("--max-connections", "max_connections", "Client connections open at once; at the cap the longest-idle "
-                "one is closed for a new one. 0: (open-file limit - 192) / 2, the limit raised to its hard maximum "
-                "at start.", "0", type=int)
+@setting_option("--max-connections", "max_connections", "Client connections open at once, per process (with "
+                "--workers N, N times that in all); at the cap the longest-idle one is closed for a new one. 0: "
+                "(open-file limit - 192) / 2, the limit raised to its hard maximum at start.", "0", type=int)
 @setting_option("--trusted-proxy", "trusted_proxies", "A load balancer's address or network (CIDR) whose "
                 "X-Forwarded-For/-Proto/-Host are believed: they give the access log's client and the URLs the "
                 "mirror shows. Repeatable; from any other peer they are ignored.", multiple=True, metavar="CIDR")
 @setting_option("--workers", "workers", "Processes serving the port (SO_REUSEPORT) and the cache: each archive is "
-                "still fetched once. One per core is plenty.", "1", type=click.IntRange(1, 256), metavar="N")
+                "still fetched once. One per core is plenty.", "1", type=click.IntRange(1, MAX_WORKERS), metavar="N")
 @setting_option("--read-only", "read_only", "Serve a cache on a read-only mount: hits are served, misses pass "
                 "through unstored (a 504 in offline mode), nothing on the cache is written.", is_flag=True,
                 default=None)
@@ -81,7 +81,7 @@ def serve(config_file, **flags) -> None:
     """
     settings = settings_or_exit(config_file, flags)
     try:  # a port that cannot be had fails before the cache dir is made
-        sock = bound_socket(settings, reuse_port=settings.workers > 1)
+        sock = reserved_socket(settings) if settings.workers > 1 else bound_socket(settings)
     except OSError as e:
         fail(_failure(settings, e))
     with opened_cache(settings.cache_path, must_exist=settings.read_only, read_only=settings.read_only):
@@ -109,13 +109,14 @@ def _failure(settings: Settings, error: Exception) -> str:
     return str(error)
 
 
-def _worker(settings: Settings, announce) -> None:
+def _worker(settings: Settings, announce, orders) -> None:
     """One of serve --workers' processes (a fresh interpreter): serve as `serve` does, on a shared
-    port; a failure to start is announced as its one line for the parent to print."""
+    port, until its parent's orders say stop; a failure to start is announced as its one line for
+    the parent to print."""
     configure_logging(settings.log_level)
     quiet_malformed_requests()
     try:
-        asyncio.run(serve_until_stopped(settings, announce, worker=True))
+        asyncio.run(serve_until_stopped(settings, announce, orders=orders))
     except (CAError, OSError) as e:
         announce(f"error: {_failure(settings, e)}")
         raise SystemExit(2) from None

@@ -5,8 +5,8 @@ refused); idle connections close at once and busy ones after their current respo
 transfer running to its end (a miss's flight with it) until drain_timeout, when what is left is
 cut, as it is at once by a second signal; either way one line says how many were cut, the caller
 then stops the components, and the exit status is 0: the stop was asked for. A process needs
-nothing else to drain: a worker (serve --workers) drains itself on the SIGTERM its parent sends
-it, and heeds no SIGINT (a terminal's Ctrl-C reaches the whole process group: the parent passes it on).
+nothing else to drain: a worker (serve --workers) heeds no signal, only its parent's orders (each
+one a stop signal the parent got, passed on through a pipe), and stops as well when that pipe ends.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from multiprocessing.connection import Connection
 
 from .front import Table
 from .lifecycle import Lifecycle
@@ -21,21 +22,36 @@ from .lifecycle import Lifecycle
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PARENT_GONE = "the parent's exit"  # what a worker stops on when its orders end
 
 
 class StopSignals:
     """SIGTERM and SIGINT as they arrive, counted; installed before anything is served, so a stop
-    asked for during start-up is a drain of nothing rather than death by the default handler."""
+    asked for during start-up is a drain of nothing rather than death by the default handler.
+    orders: instead, the read end of a pipe from serve --workers' parent, which sends each stop
+    signal it gets there (its number); its end (the parent is gone) is a stop too, unless one came
+    first."""
 
-    def __init__(self, signums: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, orders: Connection | None = None) -> None:
         self.received: list[str] = []
         self._arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in signums:
-            loop.add_signal_handler(signum, self._arrive, signum)
+        if orders is not None:
+            loop.add_reader(orders.fileno(), self._read_order, loop, orders)
+            return
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, self._arrive, signal.Signals(signum).name)
 
-    def _arrive(self, signum: int) -> None:
-        self.received.append(signal.Signals(signum).name)
+    def _read_order(self, loop: asyncio.AbstractEventLoop, orders: Connection) -> None:
+        try:
+            self._arrive(signal.Signals(orders.recv()).name)
+        except EOFError:  # only the parent holds the write end: it has ended, however abruptly
+            loop.remove_reader(orders.fileno())
+            if not self.received:
+                self._arrive(PARENT_GONE)
+
+    def _arrive(self, name: str) -> None:
+        self.received.append(name)
         self._arrived.set()
 
     async def count(self, n: int) -> str:

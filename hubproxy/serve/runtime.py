@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
+import multiprocessing.connection
 import socket
 import ssl
 from typing import Callable
@@ -27,7 +27,7 @@ from ..tls.leaves import Leaves
 from . import accesslog, fdtable
 from .app import create_app
 from .components import METRICS
-from .drain import STOP_SIGNALS, StopSignals, drain_when_signalled
+from .drain import StopSignals, drain_when_signalled
 from .front import Connection, Table
 from .intercept import Doors, ProxyFront
 from .lifecycle import LIFECYCLE
@@ -60,20 +60,29 @@ def interception_contexts(settings: Settings) -> Callable[[str], ssl.SSLContext]
     return Leaves(authority.load(settings.ca_path)).context_for
 
 
-def bound_socket(settings: Settings, reuse_port: bool = False) -> socket.socket:
-    """A socket bound to settings.listen (port 0 picks a free one); reuse_port: others may bind
-    the same port (SO_REUSEPORT: serve --workers), the kernel spreading connections over them."""
+def bound_socket(settings: Settings, reuse_port: bool = False, port: int | None = None) -> socket.socket:
+    """A socket bound to settings.listen (port 0 picks a free one; port: this one instead); reuse_port:
+    others may bind the same port (SO_REUSEPORT: serve --workers), the kernel spreading connections
+    over them."""
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((settings.listen_host, settings.listen_port))
+        sock.bind((settings.listen_host, settings.listen_port if port is None else port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def reserved_socket(settings: Settings) -> socket.socket:
+    """serve --workers' hold on settings.listen: bound with SO_REUSEPORT for its workers to share,
+    once a plain socket has been bound there, which fails (EADDRINUSE) where anyone listens already,
+    even another serve --workers of this user that SO_REUSEPORT alone would let share the port."""
+    with bound_socket(settings) as plain:  # and port 0 picks a free one for the reservation
+        return bound_socket(settings, reuse_port=True, port=plain.getsockname()[1])
 
 
 def listening(sock: socket.socket) -> socket.socket:
@@ -105,12 +114,14 @@ def app_runner(settings: Settings, access_log: accesslog.AccessLog) -> web.AppRu
                          shutdown_timeout=CUT_HANDLERS_SECONDS)
 
 
-async def serve_until_stopped(settings: Settings, announce: Callable[[str], None], worker: bool = False,
+async def serve_until_stopped(settings: Settings, announce: Callable[[str], None],
+                              orders: multiprocessing.connection.Connection | None = None,
                               sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; `announce` gets the URL once connections are accepted.
-    worker: one of serve --workers' processes (serve/workers.py), which shares its port (SO_REUSEPORT)
-    and stops on its parent's SIGTERM only. sock: bound already (else bound here); closed at the end."""
-    signals = StopSignals((signal.SIGTERM,) if worker else STOP_SIGNALS)
+    orders: one of serve --workers' processes (serve/workers.py), which shares its port (SO_REUSEPORT)
+    and stops on its parent's orders read from this pipe, never on a signal (drain.StopSignals).
+    sock: bound already (else bound here); closed at the end."""
+    signals = StopSignals(orders)
     access_log = accesslog.AccessLog(enabled=logging.getLogger("hubproxy").isEnabledFor(logging.INFO))
     runner = app_runner(settings, access_log)
     app = runner.app
@@ -120,7 +131,7 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
-        sock = listening(sock or bound_socket(settings, reuse_port=worker))
+        sock = listening(sock or bound_socket(settings, reuse_port=orders is not None))
         first = functools.partial(_aiohttp_first, runner.server)
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
             first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
