@@ -218,7 +218,8 @@ def _cut_download(proxy: Proxy, path: str) -> http.client.HTTPResponse:
     return response
 
 
-def _assert_cut_and_nothing_stored(proxy: Proxy, response: http.client.HTTPResponse, cut_line: str) -> None:
+def _assert_cut_and_nothing_stored(proxy_factory, proxy: Proxy, response: http.client.HTTPResponse,
+                                   cut_line: str) -> None:
     with pytest.raises(http.client.IncompleteRead):  # no terminating chunk: never a clean end
         response.read()
     assert _exit_status(proxy) == 0
@@ -226,6 +227,9 @@ def _assert_cut_and_nothing_stored(proxy: Proxy, response: http.client.HTTPRespo
     assert cut_line in log and "stopped" in log, log[-3000:]
     _assert_no_traceback(proxy)
     assert _cache_entries(proxy) == {}
+    # Its temp file stays for another process on the cache to take the fetch over (as from a crash);
+    # the next start-up clears what nobody took.
+    proxy_factory(proxy.cache_dir).wait_for_log("index and blobs reconciled")
     assert not any((proxy.cache_dir / "tmp").iterdir())
 
 
@@ -236,7 +240,7 @@ def test_the_drain_deadline_cuts_a_transfer_that_cannot_finish(proxy_factory, he
 
     proxy.process.send_signal(signal.SIGTERM)
 
-    _assert_cut_and_nothing_stored(proxy, response, "drain_timeout (1s) passed: cut 1 busy connections")
+    _assert_cut_and_nothing_stored(proxy_factory, proxy, response, "drain_timeout (1s) passed: cut 1 busy connections")
 
 
 def test_a_second_signal_cuts_the_drain_short(proxy_factory, held_stand_in, clean_origin, tmp_path):
@@ -248,7 +252,7 @@ def test_a_second_signal_cuts_the_drain_short(proxy_factory, held_stand_in, clea
     _wait_for_log(proxy, "stopping on SIGTERM: new connections refused, 1 busy")
     proxy.process.send_signal(signal.SIGINT)
 
-    _assert_cut_and_nothing_stored(proxy, response, "second stop signal (SIGINT): cut 1 busy connections")
+    _assert_cut_and_nothing_stored(proxy_factory, proxy, response, "second stop signal (SIGINT): cut 1 busy connections")
 
 
 def _tunnel(proxy: Proxy, target: str) -> socket.socket:
