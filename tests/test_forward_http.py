@@ -7,6 +7,10 @@ the origin emulator (tests/origin.py) is the host forwarded to."""
 from __future__ import annotations
 
 import gzip
+import http.client
+import json
+import socket
+import time
 
 import pytest
 import requests
@@ -104,14 +108,15 @@ def test_an_absolute_form_target_with_user_information_is_not_forwarded(tunnelli
     assert clean_origin.requests("canary") == []
 
 
-def test_a_tunnel_host_whose_answer_never_comes_is_a_504_after_the_headers_deadline(proxy_factory, clean_origin,
-                                                                                     archives, ca, tmp_path):
-    model = clean_origin.register(archives.small, public_bucket=True)
-    clean_origin.faults(model, hold_headers=True)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_tunnel_host_whose_answer_never_comes_is_a_504_after_the_headers_deadline(proxy_factory, clean_origin, ca,
+                                                                                     tmp_path, method):
+    """With a body or without, the deadline runs once the request has been sent on."""
     proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
                           "--upstream-headers-deadline", "1s")
 
-    answer = requests.get(f"{clean_origin.urls['gcs']}/{model.object}", proxies={"http": proxy.url}, timeout=60)
+    answer = requests.request(method, f"{clean_origin.urls['canary']}/_hold", data=b"body" if method == "POST" else None,
+                              proxies={"http": proxy.url}, timeout=60)
 
     assert answer.status_code == 504 and "within 1s" in answer.text and answer.text.count("\n") == 1
 
@@ -122,3 +127,68 @@ def test_a_tunnel_host_that_does_not_answer_is_a_502(proxy_factory, clean_origin
     answer = requests.get("http://127.0.0.1:9/nothing-listens", proxies={"http": proxy.url}, timeout=60)
 
     assert answer.status_code == 502 and "127.0.0.1:9" in answer.text and answer.text.count("\n") == 1
+
+
+def _config(tmp_path, text: str):
+    config = tmp_path / "hubproxy.toml"
+    config.write_text(text)
+    return config
+
+
+def test_a_forwarded_answer_that_falls_silent_mid_body_is_cut_after_the_read_timeout(proxy_factory, clean_origin,
+                                                                                    archives, ca, tmp_path):
+    """A host that stops sending after its headers must not hold the client (nor a drain) for good."""
+    model = clean_origin.register(archives.small, public_bucket=True)
+    clean_origin.faults(model, hold_after=1000)
+    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
+                          "--config", _config(tmp_path, "read_timeout_seconds = 1.0\n"))
+    connection = http.client.HTTPConnection(*proxy.url.removeprefix("http://").split(":"), timeout=30)
+
+    connection.request("GET", f"{clean_origin.urls['gcs']}/{model.object}")
+    answer = connection.getresponse()
+
+    assert answer.status == 200
+    with pytest.raises(http.client.IncompleteRead) as cut:  # a timeout here: nothing cut the silent answer
+        answer.read()
+    assert cut.value.partial == archives.small.read_bytes()[:1000]
+    proxy.wait_for_log("cutting a forwarded answer")
+    connection.close()
+
+
+def test_a_tunnel_host_silent_for_the_read_timeout_before_its_headers_is_a_504(proxy_factory, clean_origin, ca,
+                                                                                tmp_path):
+    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
+                          "--config", _config(tmp_path, "read_timeout_seconds = 1.0\n"))
+
+    answer = requests.get(f"{clean_origin.urls['canary']}/_hold", proxies={"http": proxy.url}, timeout=60)
+
+    assert answer.status_code == 504 and "read_timeout_seconds" in answer.text and answer.text.count("\n") == 1
+
+
+def test_an_upload_slower_than_the_headers_deadline_is_answered(proxy_factory, clean_origin, ca, tmp_path):
+    """The headers deadline is for the host's answer: it starts once the client's body has been sent on,
+    however long the client takes to upload it."""
+    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
+                          "--upstream-headers-deadline", "1s")
+    echo = clean_origin.urls["canary"] + "/_echo"
+
+    with socket.create_connection(tuple(proxy.url.removeprefix("http://").split(":")), timeout=60) as sock:
+        sock.sendall(f"POST {echo} HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nConnection: close\r\n\r\nfirst"
+                     .encode())
+        _wait_until(lambda: clean_origin.requests("canary", "/_echo"), "the request reached the host")
+        witness = requests.get(f"{clean_origin.urls['canary']}/_hold", proxies={"http": proxy.url}, timeout=60)
+        assert witness.status_code == 504  # a deadline started after the upload's would have passed by now
+        sock.sendall(b" later")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        body = answer.read()
+
+    assert answer.status == 200, body
+    assert json.loads(body)["body"] == "first later"
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)

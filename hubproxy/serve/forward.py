@@ -6,8 +6,9 @@ Invariants: only an http:// target whose host (not a hub host) matches a --tunne
 forwarded, on any port, as CONNECT allows; nothing is cached or read from the cache, no redirect
 is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
 the fields it names, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) are dropped both
-ways and Via added; a body cut upstream is cut for the client; an upstream that cannot be reached
-is a 502, one whose answer is later than upstream_headers_deadline a 504, each a one-line reason.
+ways and Via added; a body cut upstream, or silent for read_timeout_seconds, is cut for the client;
+an upstream that cannot be reached is a 502, one whose answer's headers are later than
+upstream_headers_deadline after the whole request was sent on a 504, each a one-line reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Self
 
 import aiohttp
@@ -64,13 +66,15 @@ class Forwarder:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self._headers_deadline = settings.upstream_headers_deadline_seconds or None
+        self._read_timeout = settings.read_timeout_seconds
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS,
+                                                           sock_read=self._read_timeout),
             skip_auto_headers=_NOT_ADDED)
         return self
 
@@ -85,17 +89,40 @@ class Forwarder:
         self._metrics.proxy_requests.labels("tunnelled").inc()
         where = f"{url.host}:{url.port}"
         try:
-            async with asyncio.timeout(self._headers_deadline) as deadline:
+            async with asyncio.timeout(None) as deadline:
                 answer = await self._session.request(
                     request.method, url, headers=end_to_end(request.headers, "Host"), allow_redirects=False,
-                    data=request.content if request.body_exists else None)
+                    data=self._upload(request, deadline))
         except (aiohttp.ClientError, OSError) as e:  # TimeoutError is an OSError
             if deadline.expired():
-                return error(504, f"{where} did not answer within {self._headers_deadline:g}s "
+                return error(504, f"{where} did not answer within {self._headers_deadline:g}s of the request "
                                   "(upstream_headers_deadline)")
+            if isinstance(e, aiohttp.SocketTimeoutError):
+                return error(504, f"{where} sent nothing for {self._read_timeout:g}s (read_timeout_seconds)")
             return error(502, f"forwarding to {where} failed: {type(e).__name__}")
         with contextlib.closing(answer):
             return await _stream(request, answer, where)
+
+    def _upload(self, request: web.Request, deadline: asyncio.Timeout) -> AsyncIterator[bytes] | None:
+        """The client's body, to send on; the headers deadline starts once it has all been sent (now,
+        when there is none), so that a slow or large upload is not taken for a late answer."""
+
+        def sent() -> None:
+            if self._headers_deadline is not None:
+                with contextlib.suppress(RuntimeError):  # the answer came first: there is no deadline left to start
+                    deadline.reschedule(asyncio.get_running_loop().time() + self._headers_deadline)
+
+        if not request.body_exists:
+            sent()
+            return None
+        return _then(request.content, sent)
+
+
+async def _then(body: aiohttp.StreamReader, sent: Callable[[], None]) -> AsyncIterator[bytes]:
+    """body's pieces as they arrive; sent() once the last has been handed on."""
+    async for piece in body.iter_any():
+        yield piece
+    sent()
 
 
 async def _stream(request: web.Request, answer: aiohttp.ClientResponse, where: str) -> web.StreamResponse:
@@ -108,7 +135,8 @@ async def _stream(request: web.Request, answer: aiohttp.ClientResponse, where: s
             request[BODY_BYTES_KEY] += len(piece)
         await response.write_eof()
     except (aiohttp.ClientError, TimeoutError) as e:
-        log.info("cutting a forwarded answer from %s short: upstream broke off (%s)", where, type(e).__name__)
+        why = "it fell silent (read_timeout_seconds)" if isinstance(e, aiohttp.SocketTimeoutError) else "it broke off"
+        log.info("cutting a forwarded answer from %s short: %s (%s)", where, why, type(e).__name__)
         wire.cut(request)
     except ConnectionError:
         pass  # the client left
