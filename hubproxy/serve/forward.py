@@ -2,8 +2,8 @@
 (HTTP_PROXY) for such a host is sent on and its answer streamed back, the HTTP twin of the plain
 CONNECT tunnel.
 
-Invariants: only an http:// target whose host (not a hub host) matches a --tunnel glob is
-forwarded, on any port, as CONNECT allows; nothing is cached or read from the cache, no redirect
+Invariants: only an http:// target whose host (not a hub host) --tunnel allows is forwarded, on
+any port, as CONNECT allows (intercept.tunnel_dial); nothing is cached or read from the cache, no redirect
 is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
 the fields it names, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) are dropped both
 ways and Via added; a body cut upstream, or silent for read_timeout_seconds, is cut for the client;
@@ -30,7 +30,7 @@ from ..metrics import Metrics
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import METRICS, SETTINGS
-from .intercept import may_tunnel
+from .intercept import tunnel_dial
 from .replies import error
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 def forwarded_url(request: web.Request) -> URL | None:
     """The URL an absolute-form request names, when it is one to forward: http://, not a hub host,
-    a host a --tunnel glob allows. Read from the request target as sent (aiohttp's request.url
+    a host --tunnel allows (an address written canonically). Read from the request target as sent (aiohttp's request.url
     takes its scheme from the connection, so https://... would read as http://)."""
     settings = request.app[SETTINGS]
     if not (settings.intercept and settings.tunnel) or request.raw_path.startswith("/"):
@@ -55,9 +55,10 @@ def forwarded_url(request: web.Request) -> URL | None:
     except ValueError:
         return None
     host = (url.host or "").lower().rstrip(".")
-    if url.scheme != "http" or host in HUB_HOSTS or not may_tunnel(settings.tunnel, host):
+    dial = None if url.scheme != "http" or host in HUB_HOSTS else tunnel_dial(settings.tunnel, host)
+    if dial is None:
         return None
-    return url
+    return url if dial == host else url.with_host(dial)  # an address, as aiohttp takes it: canonical
 
 
 class Forwarder:
