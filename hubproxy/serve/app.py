@@ -46,8 +46,8 @@ SERVER = "hubproxy"
 
 def create_app(settings: Settings) -> web.Application:
     behind_proxies = [forwarded.middleware(settings.trusted_networks)] if settings.trusted_proxies else []
-    app = web.Application(handler_args={"max_field_size": 8190},
-                          middlewares=[*behind_proxies, request_bounds, _proxied_requests_are_hub_requests])
+    app = web.Application(handler_args={"max_field_size": 8190},  # request_bounds outermost (front.py)
+                          middlewares=[request_bounds, *behind_proxies, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIFECYCLE] = Lifecycle()
