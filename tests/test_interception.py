@@ -170,3 +170,18 @@ def test_importing_the_proxy_door_needs_no_tensorflow():
     probe = subprocess.run([sys.executable, "-c", "import hubproxy.serve.intercept, sys; "
                             "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.strip() == "False"
+
+
+def test_an_https_hub_target_sent_in_the_clear_is_refused(intercepting, origin, archives):
+    """GET https://tfhub.dev/... in absolute form, on the proxy's plain port: the client asked for TLS it is
+    not getting, so the answer is a refusal naming CONNECT, not the archive in the clear."""
+    model = origin.register(archives.small)
+    target = f"https://tfhub.dev/{model.handle}?tf-hub-format=compressed"
+
+    status, response = raw_exchange(intercepting.url, f"GET {target} HTTP/1.1\r\nHost: tfhub.dev\r\n"
+                                                      "Connection: close\r\n\r\n".encode())
+
+    body = response.partition(b"\r\n\r\n")[2]
+    assert status == 403 and b"https://tfhub.dev" in body and b"CONNECT" in body and body.count(b"\n") == 1, body
+    assert origin.requests() == []
+    assert intercepting.metric("hubproxy_proxy_requests_total", outcome="refused") == 1

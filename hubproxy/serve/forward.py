@@ -43,16 +43,24 @@ CONNECT_SECONDS = 30.0  # as for a CONNECT tunnel
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def forwarded_url(request: web.Request) -> URL | None:
-    """The URL an absolute-form request names, when it is one to forward: http://, not a hub host,
-    a host --tunnel allows (an address written canonically). Read from the request target as sent (aiohttp's request.url
-    takes its scheme from the connection, so https://... would read as http://)."""
-    settings = request.app[SETTINGS]
-    if not (settings.intercept and settings.tunnel) or request.raw_path.startswith("/"):
+def absolute_target(request: web.Request) -> URL | None:
+    """The URL an absolute-form request target names, scheme included, as the client sent it (aiohttp's
+    request.url takes its scheme from the connection, so https://... on a plain one reads as http://);
+    None for an origin-form target, or one that does not parse."""
+    if request.raw_path.startswith("/"):
         return None
     try:
-        url = URL(request.raw_path, encoded=True)
+        return URL(request.raw_path, encoded=True)
     except ValueError:
+        return None
+
+
+def forwarded_url(request: web.Request) -> URL | None:
+    """The URL an absolute-form request names, when it is one to forward: http://, not a hub host,
+    a host --tunnel allows (an address written canonically)."""
+    settings = request.app[SETTINGS]
+    url = absolute_target(request) if settings.intercept and settings.tunnel else None
+    if url is None:
         return None
     host = (url.host or "").lower().rstrip(".")
     dial = None if url.scheme != "http" or host in HUB_HOSTS else tunnel_dial(settings.tunnel, host)
