@@ -79,7 +79,8 @@ class Settings:
     drain_timeout: str = "60s"  # on SIGTERM/SIGINT, busy connections may finish within this; then they are cut
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
-    # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
+    # the forward proxy every upstream hop goes through (not the parents, nor what tunnel lets clients reach):
+    # http://[user:password@]host:port
     egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* headers are believed
     workers: int = 1  # processes serving the port (SO_REUSEPORT) and the cache (single flight across them)
