@@ -2,9 +2,9 @@
 (HTTP_PROXY) for such a host is sent on and its answer streamed back, the HTTP twin of the plain
 CONNECT tunnel.
 
-Invariants: only an http:// target whose host (not a hub host) --tunnel allows is forwarded, on
-any port, as CONNECT allows (intercept.tunnel_dial); nothing is cached or read from the cache, no redirect
-is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
+Invariants: only an http:// target whose host (not a hub host) --tunnel allows is forwarded
+(intercept.tunnel_dial), on any port, as CONNECT allows; nothing is cached or read from the cache,
+no redirect is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
 the fields it names, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) are dropped both
 ways and Via added; a body cut upstream, or silent for read_timeout_seconds, is cut for the client;
 an upstream that cannot be reached is a 502, one whose answer's headers are later than
