@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ DEFAULT_REDIRECT_HOSTS = ("www.kaggle.com", "kaggle.com", "storage.googleapis.co
 # answered from its stored copy when upstream fails (archives and files need no fallback: a hit never asks)
 MODES = ("online", "offline", "fallback")
 MAX_WORKERS = 256
+# A tunnel entry of digits, dots and glob syntax only, or with a ":" or "/" no host name has: no glob of
+# host names, which never match an address, but an address pattern, which must be written as a network.
+_ADDRESS_PATTERN = re.compile(r"[0-9.*?\[\]!-]*[0-9][0-9.*?\[\]!-]*|.*[:/].*")
 
 
 class ConfigError(ValueError):
@@ -67,14 +71,16 @@ class Settings:
     ca_dir: str | None = None  # the interception CA's directory (hubproxy ca init)
     read_only: bool = False  # the cache is on a read-only mount: serve hits, pass misses through, write nothing
     intercept: bool = False  # also a forward proxy (HTTPS_PROXY) that answers the hub hosts itself
-    tunnel: tuple[str, ...] = ()  # host globs a CONNECT may reach as a plain tunnel, never intercepted
+    # what a CONNECT may reach as a plain tunnel, never intercepted: IP networks (addresses) and host-name globs
+    tunnel: tuple[str, ...] = ()
     kaggle_metadata_ttl: str = "10m"  # how long kagglehub's latest-version answers are reused
     header_timeout: str = "30s"  # a request head must arrive within this (408 otherwise); bytes do not extend it
     keepalive_timeout: str = "75s"  # an idle keep-alive connection is closed after this
     drain_timeout: str = "60s"  # on SIGTERM/SIGINT, busy connections may finish within this; then they are cut
     parents: tuple[str, ...] = ()  # hubproxy mirrors fetched through instead of the upstreams, tried in order
     max_connections: int = 0  # client connections open at once; 0: as many as the open-file limit leaves room for
-    # the forward proxy every upstream hop (not the parents) goes through: http://[user:password@]host:port
+    # the forward proxy every upstream hop goes through (not the parents, nor what tunnel lets clients reach):
+    # http://[user:password@]host:port
     egress_proxy: str | None = field(default=None, repr=False)  # repr=False: it may hold credentials
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* headers are believed
     workers: int = 1  # processes serving the port (SO_REUSEPORT) and the cache (single flight across them)
@@ -218,6 +224,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"parent must be an http(s) base URL, got {url[:80]!r}")
     if settings.egress_proxy is not None:
         _validate_egress_proxy(settings.egress_proxy)
+    for entry in settings.tunnel:
+        _validate_tunnel(entry)
     for cidr in settings.trusted_proxies:
         try:
             ipaddress.ip_network(cidr)
@@ -257,6 +265,17 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("tunnel takes effect only with intercept, the forward proxy it is a door of")
     if settings.retries < 0 or settings.backoff_seconds < 0 or settings.upstream_resumes < 0:
         raise ConfigError("retries, backoff_seconds and upstream_resumes must not be negative")
+
+
+def _validate_tunnel(entry: str) -> None:
+    """An IP address or network, or a glob of host names (which never matches an address)."""
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError as e:
+        if _ADDRESS_PATTERN.fullmatch(entry):
+            why = f" ({e})" if "/" in entry else ""
+            raise ConfigError(f"tunnel: {entry[:60]!r} is no IP address or network in CIDR notation{why}, and a glob "
+                              "matches host names only, never an address: give the network, as 10.0.0.0/8") from None
 
 
 def _validate_egress_proxy(text: str) -> None:

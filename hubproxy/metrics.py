@@ -79,8 +79,9 @@ class Metrics:
         self.connects = Counter("hubproxy_connects", "Forward-proxy CONNECT requests, by what became of them "
                                 "(intercepted, tunnelled, refused).", ["outcome"], registry=self.registry)
         self.proxy_requests = Counter("hubproxy_proxy_requests", "Forward-proxy absolute-form (HTTP_PROXY) requests "
-                                      "for other hosts than the hub's, by what became of them (tunnelled: "
-                                      "forwarded to a --tunnel host; refused).", ["outcome"], registry=self.registry)
+                                      "not served as hub requests, by what became of them (tunnelled: forwarded to a "
+                                      "--tunnel host; refused: another host, a hub host's other port, an https:// "
+                                      "target, user information).", ["outcome"], registry=self.registry)
         self.verify_failures = Counter("hubproxy_verify_failures", "Blobs found corrupt and quarantined.",
                                        registry=self.registry)
 

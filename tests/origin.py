@@ -362,7 +362,8 @@ CANARY_GZIP = gzip.compress(b"canary " * 100, mtime=0)
 
 def make_canary_app(state: State) -> web.Application:
     """A host nothing should reach unless a test means it to: "canary" on every path, except the
-    paths a test of plain forwarding asks for (what arrived, a redirect, a gzip-encoded body)."""
+    paths a test of plain forwarding asks for (what arrived, a redirect, a gzip-encoded body, an
+    answer held after the whole request arrived until /_control/release)."""
 
     async def canary(request):
         if request.path == "/_echo":
@@ -374,6 +375,10 @@ def make_canary_app(state: State) -> web.Application:
                                               "Set-Cookie": "canary=seen"})
         if request.path == "/_redirect":
             return found("/_elsewhere")
+        if request.path == "/_hold":
+            await request.read()
+            await hold(state)
+            return web.Response(text="released")
         if request.path == "/_gzip":
             return web.Response(body=CANARY_GZIP, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
         return web.Response(text="canary")

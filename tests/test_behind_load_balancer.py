@@ -275,3 +275,15 @@ def test_trusted_proxies_come_from_toml_and_env_and_a_bad_cidr_is_one_line(tmp_p
                             timeout=60, cwd=ROOT)
     assert result.returncode == 2 and "trusted_proxies: '10.0.0.1/8'" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_request_bounds_stays_the_outermost_middleware_behind_a_load_balancer():
+    """The connection learns where each request starts and ends from it (serve/front.py): no middleware may
+    run before it, the one believing trusted proxies included."""
+    from hubproxy.config import Settings
+    from hubproxy.serve.app import create_app
+    from hubproxy.serve.front import request_bounds
+
+    app = create_app(Settings(trusted_proxies=(LB,)))
+
+    assert app.middlewares[0] is request_bounds and len(app.middlewares) == 3

@@ -5,7 +5,6 @@ operator allowed a plain tunnel)."""
 
 from __future__ import annotations
 
-import gzip
 import http.client
 import socket
 import ssl
@@ -14,7 +13,6 @@ import sys
 import urllib.request
 
 import pytest
-import requests
 
 from tests.conftest import ROOT, _hub_client_args, _quiet_env, loaded_output, model_dirs, raw_exchange, run_cli
 
@@ -152,113 +150,6 @@ def test_absolute_form_http_proxy_requests_for_hub_hosts_are_served(intercepting
     assert origin.requests("canary") == []
 
 
-@pytest.fixture
-def tunnelling(proxy_factory, clean_origin, ca, tmp_path):
-    """An intercepting proxy whose operator allowed 127.0.0.1, where the canary site listens."""
-    return proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1")
-
-
-def test_an_http_proxy_request_for_a_tunnel_host_is_forwarded_as_plain_http(tunnelling, clean_origin, tmp_path):
-    """requests through HTTP_PROXY: the request and its answer pass end to end, hop-by-hop headers
-    (RFC 9110 7.6.1) dropped both ways, no redirect followed, nothing cached, each one counted."""
-    canary, proxies = clean_origin.urls["canary"], {"http": tunnelling.url}
-    sent = {"Connection": "keep-alive, X-Private", "X-Private": "hop", "Keep-Alive": "timeout=9",
-            "Proxy-Authorization": "Basic aHVicHJveHk6c2VjcmV0", "X-End": "kept"}
-
-    echoed = requests.post(f"{canary}/_echo?q=1&sig=a%2Fb", data=b"payload", headers=sent, proxies=proxies,
-                           timeout=60)
-    again = requests.get(f"{canary}/_echo", proxies=proxies, timeout=60)
-    redirect = requests.get(f"{canary}/_redirect", proxies=proxies, allow_redirects=False, timeout=60)
-
-    assert echoed.status_code == 200, echoed.text
-    seen = echoed.json()
-    assert (seen["method"], seen["target"], seen["body"]) == ("POST", "/_echo?q=1&sig=a%2Fb", "payload")
-    arrived = {name.lower(): value for name, value in seen["headers"]}
-    assert arrived["x-end"] == "kept" and arrived["host"] == canary.removeprefix("http://")
-    assert not {"x-private", "keep-alive", "proxy-authorization"} & set(arrived), arrived
-    assert "hubproxy" in arrived["via"]
-    assert echoed.headers["X-Canary-End"] == "kept" and "hubproxy" in echoed.headers["Via"]
-    assert "X-Canary-Hop" not in echoed.headers and "timeout=5" not in echoed.headers.get("Keep-Alive", "")
-    assert again.status_code == 200 and again.json()["method"] == "GET"
-    assert (redirect.status_code, redirect.headers["Location"]) == (302, "/_elsewhere")
-    assert [r["path"] for r in clean_origin.requests("canary")] == ["/_echo", "/_echo", "/_redirect"]
-    assert tunnelling.metric("hubproxy_proxy_requests_total", outcome="tunnelled") == 3
-    assert not [p for p in (tmp_path / "cache").rglob("blobs/**/*") if p.is_file()], "nothing is stored"
-
-
-def test_a_forwarded_answers_cookie_is_the_clients_not_the_proxys(proxy_factory, clean_origin, ca, tmp_path):
-    """By name, not address (a cookie jar ignores cookies from IP addresses): localhost, the canary's."""
-    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "localhost")
-    url = clean_origin.urls["canary"].replace("127.0.0.1", "localhost") + "/_echo"
-
-    first = requests.get(url, proxies={"http": proxy.url}, timeout=60)
-    second = requests.get(url, proxies={"http": proxy.url}, timeout=60)
-
-    assert first.cookies.get("canary") == "seen", "Set-Cookie reached the client"
-    assert "cookie" not in {name.lower() for name, _ in second.json()["headers"]}, "the proxy kept none to send on"
-
-
-def test_a_forwarded_body_keeps_its_encoding(tunnelling, clean_origin):
-    """The bytes pass as they came: a gzip body is not decoded on the way (its Content-Encoding stays)."""
-    answer = requests.get(clean_origin.urls["canary"] + "/_gzip", proxies={"http": tunnelling.url}, stream=True,
-                          timeout=60)
-    raw = answer.raw.read(decode_content=False)
-
-    assert (answer.status_code, answer.headers["Content-Encoding"]) == (200, "gzip")
-    assert raw[:2] == b"\x1f\x8b" and gzip.decompress(raw) == b"canary " * 100
-
-
-@pytest.mark.parametrize("tunnel", ["*.example.org", "127.0.0.2"])
-def test_an_http_proxy_request_for_a_host_no_tunnel_glob_matches_is_refused(proxy_factory, clean_origin, ca,
-                                                                             tmp_path, tunnel):
-    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", tunnel)
-
-    answer = requests.get(clean_origin.urls["canary"] + "/_echo", proxies={"http": proxy.url}, timeout=60)
-
-    assert answer.status_code == 403 and "127.0.0.1" in answer.text and answer.text.count("\n") == 1
-    assert clean_origin.requests("canary") == []
-    assert proxy.metric("hubproxy_proxy_requests_total", outcome="refused") == 1
-
-
-def test_an_https_target_in_absolute_form_is_not_forwarded_as_plain_http(tunnelling, clean_origin):
-    """GET https://host/ sent to a proxy in the clear: forwarding it as http:// would downgrade it."""
-    target = clean_origin.urls["canary"].replace("http://", "https://") + "/_echo"
-    status, response = raw_exchange(tunnelling.url, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-                                    .encode())
-
-    assert status == 403 and b"CONNECT" in response
-    assert clean_origin.requests("canary") == []
-
-
-def test_an_absolute_form_target_with_user_information_is_not_forwarded(tunnelling, clean_origin):
-    target = clean_origin.urls["canary"].replace("http://", "http://user:secret@") + "/_echo"
-    status, response = raw_exchange(tunnelling.url, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-                                    .encode())
-
-    assert status == 400 and b"user information" in response and b"secret" not in response
-    assert clean_origin.requests("canary") == []
-
-
-def test_a_tunnel_host_whose_answer_never_comes_is_a_504_after_the_headers_deadline(proxy_factory, clean_origin,
-                                                                                     archives, ca, tmp_path):
-    model = clean_origin.register(archives.small, public_bucket=True)
-    clean_origin.faults(model, hold_headers=True)
-    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1",
-                          "--upstream-headers-deadline", "1s")
-
-    answer = requests.get(f"{clean_origin.urls['gcs']}/{model.object}", proxies={"http": proxy.url}, timeout=60)
-
-    assert answer.status_code == 504 and "within 1s" in answer.text and answer.text.count("\n") == 1
-
-
-def test_a_tunnel_host_that_does_not_answer_is_a_502(proxy_factory, clean_origin, ca, tmp_path):
-    proxy = proxy_factory(tmp_path / "cache", "--intercept", "--ca-dir", ca, "--tunnel", "127.0.0.1")
-
-    answer = requests.get("http://127.0.0.1:9/nothing-listens", proxies={"http": proxy.url}, timeout=60)
-
-    assert answer.status_code == 502 and "127.0.0.1:9" in answer.text and answer.text.count("\n") == 1
-
-
 def test_the_mirror_port_still_serves_plain_requests_when_intercepting(intercepting, origin, archives):
     model = origin.register(archives.small)
     status, headers, body = intercepting.get(f"/{model.handle}")
@@ -279,3 +170,18 @@ def test_importing_the_proxy_door_needs_no_tensorflow():
     probe = subprocess.run([sys.executable, "-c", "import hubproxy.serve.intercept, sys; "
                             "print('tensorflow' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.strip() == "False"
+
+
+def test_an_https_hub_target_sent_in_the_clear_is_refused(intercepting, origin, archives):
+    """GET https://tfhub.dev/... in absolute form, on the proxy's plain port: the client asked for TLS it is
+    not getting, so the answer is a refusal naming CONNECT, not the archive in the clear."""
+    model = origin.register(archives.small)
+    target = f"https://tfhub.dev/{model.handle}?tf-hub-format=compressed"
+
+    status, response = raw_exchange(intercepting.url, f"GET {target} HTTP/1.1\r\nHost: tfhub.dev\r\n"
+                                                      "Connection: close\r\n\r\n".encode())
+
+    body = response.partition(b"\r\n\r\n")[2]
+    assert status == 403 and b"https://tfhub.dev" in body and b"CONNECT" in body and body.count(b"\n") == 1, body
+    assert origin.requests() == []
+    assert intercepting.metric("hubproxy_proxy_requests_total", outcome="refused") == 1

@@ -67,9 +67,9 @@ from .failures import fail, reason
 @setting_option("--intercept", "intercept", "Also serve as an HTTPS_PROXY that answers the hub hosts itself, with "
                 "leaves from the CA in --ca-dir; every other host is refused.", is_flag=True, default=None)
 @setting_option("--ca-dir", "ca_dir", "The interception CA's directory (made by hubproxy ca init).", metavar="DIR")
-@setting_option("--tunnel", "tunnel", "With --intercept: a host glob (any port) a CONNECT may reach as a plain tunnel, "
-                "never inspected, and an HTTP_PROXY http:// request is forwarded to, never cached. Repeatable.",
-                multiple=True, metavar="HOST_GLOB")
+@setting_option("--tunnel", "tunnel", "With --intercept: a host name glob, or an IP address or network (CIDR), "
+                "that a CONNECT may reach (any port) as a plain tunnel, never inspected, and an HTTP_PROXY http:// "
+                "request is forwarded to, never cached. Repeatable.", multiple=True, metavar="HOST_GLOB|CIDR")
 def serve(config_file, **flags) -> None:
     """Serve the mirror until SIGTERM or SIGINT, then drain: new connections are refused, busy ones
     finish within --drain-timeout (a second signal cuts them at once), and the exit status is 0.

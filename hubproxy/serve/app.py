@@ -46,8 +46,8 @@ SERVER = "hubproxy"
 
 def create_app(settings: Settings) -> web.Application:
     behind_proxies = [forwarded.middleware(settings.trusted_networks)] if settings.trusted_proxies else []
-    app = web.Application(handler_args={"max_field_size": 8190},
-                          middlewares=[*behind_proxies, request_bounds, _proxied_requests_are_hub_requests])
+    app = web.Application(handler_args={"max_field_size": 8190},  # request_bounds outermost (front.py)
+                          middlewares=[request_bounds, *behind_proxies, _proxied_requests_are_hub_requests])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIFECYCLE] = Lifecycle()
@@ -164,17 +164,25 @@ def _hub_target(request: web.Request) -> tuple[str | None, str]:
         return host, request.raw_path
     if request.raw_path.startswith("/"):
         return None, request.raw_path
-    url = request.url
     if not request.app[SETTINGS].intercept:
         raise web.HTTPBadRequest(text="absolute-form request targets are refused: hubproxy is a mirror, "
                                       "not an open proxy (serve --intercept makes it a proxy for the hub hosts)\n")
+    url = forward.absolute_target(request)
+    if url is None:
+        raise web.HTTPBadRequest(text="the request target is neither a path nor a URL\n")
     if url.scheme != "http" or url.host not in HUB_HOSTS or url.explicit_port not in (None, 80):
         request.app[METRICS].proxy_requests.labels("refused").inc()
-        asked = f"{request.raw_path.partition('://')[0]}://{url.host_port_subcomponent}"  # the scheme as sent
-        raise web.HTTPForbidden(text=f"{asked} is not a hub host; hubproxy proxies only {', '.join(sorted(HUB_HOSTS))}"
-                                     ", and other hosts only as --tunnel allows: http:// forwarded, https:// through "
-                                     "CONNECT\n")
+        raise web.HTTPForbidden(text=_refusal(f"{url.scheme}://{url.host_port_subcomponent}"))
     return url.host, url.raw_path_qs
+
+
+def _refusal(asked: str) -> str:
+    """Why an absolute-form request for `asked` (scheme://host[:port]) is neither served nor forwarded."""
+    if asked.startswith("https://"):
+        return (f"{asked} was asked for in the clear: an https:// target is never served or sent on without TLS; "
+                "reach it through CONNECT (HTTPS_PROXY)\n")
+    return (f"{asked} is not a hub host; hubproxy proxies only {', '.join(sorted(HUB_HOSTS))}, and other hosts only "
+            "as --tunnel allows: http:// forwarded, https:// through CONNECT\n")
 
 
 async def hub(request: web.Request) -> web.StreamResponse:

@@ -2,12 +2,13 @@
 (HTTP_PROXY) for such a host is sent on and its answer streamed back, the HTTP twin of the plain
 CONNECT tunnel.
 
-Invariants: only an http:// target whose host (not a hub host) matches a --tunnel glob is
-forwarded, on any port, as CONNECT allows; nothing is cached or read from the cache, no redirect
-is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
+Invariants: only an http:// target whose host (not a hub host) --tunnel allows is forwarded
+(intercept.tunnel_dial), on any port, as CONNECT allows; nothing is cached or read from the cache,
+no redirect is followed, no cookie kept, no body decoded; hop-by-hop headers (RFC 9110 7.6.1: Connection and
 the fields it names, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) are dropped both
-ways and Via added; a body cut upstream is cut for the client; an upstream that cannot be reached
-is a 502, one whose answer is later than upstream_headers_deadline a 504, each a one-line reason.
+ways and Via added; a body cut upstream, or silent for read_timeout_seconds, is cut for the client;
+an upstream that cannot be reached is a 502, one whose answer's headers are later than
+upstream_headers_deadline after the whole request was sent on a 504, each a one-line reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Self
 
 import aiohttp
@@ -28,7 +30,7 @@ from ..metrics import Metrics
 from . import wire
 from .accesslog import BODY_BYTES_KEY
 from .components import METRICS, SETTINGS
-from .intercept import may_tunnel
+from .intercept import tunnel_dial
 from .replies import error
 
 log = logging.getLogger(__name__)
@@ -41,21 +43,30 @@ CONNECT_SECONDS = 30.0  # as for a CONNECT tunnel
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def forwarded_url(request: web.Request) -> URL | None:
-    """The URL an absolute-form request names, when it is one to forward: http://, not a hub host,
-    a host a --tunnel glob allows. Read from the request target as sent (aiohttp's request.url
-    takes its scheme from the connection, so https://... would read as http://)."""
-    settings = request.app[SETTINGS]
-    if not (settings.intercept and settings.tunnel) or request.raw_path.startswith("/"):
+def absolute_target(request: web.Request) -> URL | None:
+    """The URL an absolute-form request target names, scheme included, as the client sent it (aiohttp's
+    request.url takes its scheme from the connection, so https://... on a plain one reads as http://);
+    None for an origin-form target, or one that does not parse."""
+    if request.raw_path.startswith("/"):
         return None
     try:
-        url = URL(request.raw_path, encoded=True)
+        return URL(request.raw_path, encoded=True)
     except ValueError:
         return None
-    host = (url.host or "").lower().rstrip(".")
-    if url.scheme != "http" or host in HUB_HOSTS or not may_tunnel(settings.tunnel, host):
+
+
+def forwarded_url(request: web.Request) -> URL | None:
+    """The URL an absolute-form request names, when it is one to forward: http://, not a hub host,
+    a host --tunnel allows (an address written canonically)."""
+    settings = request.app[SETTINGS]
+    url = absolute_target(request) if settings.intercept and settings.tunnel else None
+    if url is None:
         return None
-    return url
+    host = (url.host or "").lower().rstrip(".")
+    dial = None if url.scheme != "http" or host in HUB_HOSTS else tunnel_dial(settings.tunnel, host)
+    if dial is None:
+        return None
+    return url if dial == host else url.with_host(dial)  # an address, as aiohttp takes it: canonical
 
 
 class Forwarder:
@@ -64,13 +75,15 @@ class Forwarder:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self._headers_deadline = settings.upstream_headers_deadline_seconds or None
+        self._read_timeout = settings.read_timeout_seconds
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS,
+                                                           sock_read=self._read_timeout),
             skip_auto_headers=_NOT_ADDED)
         return self
 
@@ -85,17 +98,40 @@ class Forwarder:
         self._metrics.proxy_requests.labels("tunnelled").inc()
         where = f"{url.host}:{url.port}"
         try:
-            async with asyncio.timeout(self._headers_deadline) as deadline:
+            async with asyncio.timeout(None) as deadline:
                 answer = await self._session.request(
                     request.method, url, headers=end_to_end(request.headers, "Host"), allow_redirects=False,
-                    data=request.content if request.body_exists else None)
+                    data=self._upload(request, deadline))
         except (aiohttp.ClientError, OSError) as e:  # TimeoutError is an OSError
             if deadline.expired():
-                return error(504, f"{where} did not answer within {self._headers_deadline:g}s "
+                return error(504, f"{where} did not answer within {self._headers_deadline:g}s of the request "
                                   "(upstream_headers_deadline)")
+            if isinstance(e, aiohttp.SocketTimeoutError):
+                return error(504, f"{where} sent nothing for {self._read_timeout:g}s (read_timeout_seconds)")
             return error(502, f"forwarding to {where} failed: {type(e).__name__}")
         with contextlib.closing(answer):
             return await _stream(request, answer, where)
+
+    def _upload(self, request: web.Request, deadline: asyncio.Timeout) -> AsyncIterator[bytes] | None:
+        """The client's body, to send on; the headers deadline starts once it has all been sent (now,
+        when there is none), so that a slow or large upload is not taken for a late answer."""
+
+        def sent() -> None:
+            if self._headers_deadline is not None:
+                with contextlib.suppress(RuntimeError):  # the answer came first: there is no deadline left to start
+                    deadline.reschedule(asyncio.get_running_loop().time() + self._headers_deadline)
+
+        if not request.body_exists:
+            sent()
+            return None
+        return _then(request.content, sent)
+
+
+async def _then(body: aiohttp.StreamReader, sent: Callable[[], None]) -> AsyncIterator[bytes]:
+    """body's pieces as they arrive; sent() once the last has been handed on."""
+    async for piece in body.iter_any():
+        yield piece
+    sent()
 
 
 async def _stream(request: web.Request, answer: aiohttp.ClientResponse, where: str) -> web.StreamResponse:
@@ -108,7 +144,8 @@ async def _stream(request: web.Request, answer: aiohttp.ClientResponse, where: s
             request[BODY_BYTES_KEY] += len(piece)
         await response.write_eof()
     except (aiohttp.ClientError, TimeoutError) as e:
-        log.info("cutting a forwarded answer from %s short: upstream broke off (%s)", where, type(e).__name__)
+        why = "it fell silent (read_timeout_seconds)" if isinstance(e, aiohttp.SocketTimeoutError) else "it broke off"
+        log.info("cutting a forwarded answer from %s short: %s (%s)", where, why, type(e).__name__)
         wire.cut(request)
     except ConnectionError:
         pass  # the client left

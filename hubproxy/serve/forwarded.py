@@ -3,10 +3,11 @@ read from X-Forwarded-For/-Proto/-Host, believed only when the connection's peer
 
 Invariants: from any other peer, and inside an intercepted tunnel (whose headers only the client wrote),
 the headers are ignored; X-Forwarded-For is walked from the right past trusted addresses, and the first
-untrusted one is the client; a value that does not parse (no IP address, a proto other than http or
-https, a host that is no host[:port], several values where the proxy sets one) is ignored, never an
-error; the request is never cloned (aiohttp's access log sees the original), so `client` and `base_url`
-read what the middleware left on it.
+untrusted one is the client, or, where the walk meets an element that is no IP address, the last one it
+passed (the peer, if none); any other value that does not parse (a proto other than http or https, a
+host that is no host[:port], several values where the proxy sets one) is ignored; none is an error; the
+request is never cloned (aiohttp's access log sees the original), so `client` and `base_url` read what
+the middleware left on it.
 """
 
 from __future__ import annotations

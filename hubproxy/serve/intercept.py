@@ -5,16 +5,20 @@ mirror requests; a CONNECT to a host the operator listed with --tunnel is a plai
 Invariants: only a connection whose first bytes spell "CONNECT " is held here, and only until its
 request head ends; every other connection goes to aiohttp with every byte, at once. A CONNECT to
 any other host gets 403 and nothing is dialled; the head has a size limit here, and the deadline
-every head has (front.Connection), which bytes cannot extend. This module parses a CONNECT
-request line and nothing else of HTTP.
+every head has (front.Connection), which bytes cannot extend. A --tunnel address or network admits
+only addresses (in any spelling the resolver reads as one), a glob only names. This module parses
+a CONNECT request line and nothing else of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
+import ipaddress
 import logging
 import re
+import socket
 import ssl
 import weakref
 from typing import Callable
@@ -31,6 +35,7 @@ TLS_HANDSHAKE_SECONDS = 30.0
 TUNNEL_CONNECT_SECONDS = 30.0
 _REQUEST_LINE = re.compile(rb"CONNECT ([A-Za-z0-9.-]{1,253}):([0-9]{1,5}) HTTP/1\.[01]")
 _ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_INET_ATON_SHAPE = re.compile(r"[0-9A-Fa-fXx.]{1,64}")
 
 # The hub host each intercepted connection's TLS transport serves (see tunnel_host).
 _TUNNEL_HOSTS: weakref.WeakKeyDictionary[asyncio.Transport, str] = weakref.WeakKeyDictionary()
@@ -47,16 +52,50 @@ class Doors:
     allowlist and the metrics that count refusals and tunnels."""
 
     def __init__(self, http: Callable[[], asyncio.Protocol], tls_for: Callable[[str], ssl.SSLContext],
-                 tunnel_globs: tuple[str, ...], metrics: Metrics):
+                 tunnel: tuple[str, ...], metrics: Metrics):
         self.http = http
         self.tls_for = tls_for
-        self.tunnel_globs = tunnel_globs
+        self.tunnel = tunnel
         self.metrics = metrics
 
 
-def may_tunnel(tunnel_globs: tuple[str, ...], host: str) -> bool:
-    """Whether the operator allowed `host` (lower case, no trailing dot) with --tunnel, any port."""
-    return any(fnmatch.fnmatchcase(host, glob.lower()) for glob in tunnel_globs)
+def tunnel_dial(tunnel: tuple[str, ...], host: str) -> str | None:
+    """What to dial for `host` (lower case, no trailing dot) when the operator allowed it with --tunnel
+    (any port), else None: an address, written canonically, when a network entry holds it; a name when
+    a glob matches it (never the other way)."""
+    networks, globs = _entries(tunnel)
+    address = ip_literal(host)
+    if address is not None:
+        return str(address) if any(address in network for network in networks) else None
+    return host if any(fnmatch.fnmatchcase(host, glob) for glob in globs) else None
+
+
+@functools.cache
+def _entries(tunnel: tuple[str, ...]) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                                               tuple[str, ...]]:
+    """--tunnel's (networks, lower-case globs); config has refused globs that look like addresses."""
+    networks, globs = [], []
+    for entry in tunnel:
+        try:
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError:
+            globs.append(entry.lower())
+    return tuple(networks), tuple(globs)
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` is, when the resolver would read it as one rather than look it up (127.1,
+    2130706433 and 0x7f.1 are 127.0.0.1), an IPv4-mapped one as IPv4; None for a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not _INET_ATON_SHAPE.fullmatch(host):
+            return None  # inet_aton also takes "127.0.0.1 and anything after a space"
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 class ProxyFront(asyncio.Protocol):
@@ -94,8 +133,8 @@ class ProxyFront(asyncio.Protocol):
         host, port = line.group(1).decode().lower().rstrip("."), int(line.group(2))
         if host in HUB_HOSTS and port == 443:
             await self._intercept(host, early)
-        elif may_tunnel(self._doors.tunnel_globs, host):
-            await self._tunnel(host, port, early)
+        elif (dial := tunnel_dial(self._doors.tunnel, host)) is not None:
+            await self._tunnel(dial, port, early)
         else:
             self._doors.metrics.connects.labels("refused").inc()
             self._refuse(403, f"{host}:{port} is not a hub host; hubproxy intercepts only "
