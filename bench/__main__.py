@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent
 
 SMOKE = dict(reps=1, verify=True, hit_size=3 << 20, hit_clients=3, miss_size=3 << 20, herd_size=6 << 20,
              herd_clients=4, herd_rate=20_000_000, memory_size=4 << 20, memory_clients=3, small_seconds=1,
-             index_entries=500)
+             index_entries=500, ttfb_samples=20)
 
 
 def _size(ctx, param, value):
@@ -44,6 +44,9 @@ def _size(ctx, param, value):
 @click.option("--memory-clients", type=int, help="[default: 32]")
 @click.option("--small-seconds", type=float, help="wrk duration per measurement.  [default: 5]")
 @click.option("--index-entries", type=int, help="[default: 100000]")
+@click.option("--ttfb-samples", type=int,
+              help="New connections per repetition for a hit's time to first byte (the median is kept).  "
+                   "[default: 200]")
 def main(out: Path, workdir: Path | None, only: str, smoke: bool, publish: bool, **overrides) -> None:
     """Benchmark hubproxy against nginx proxy_cache and direct download, side by side."""
     chosen = [name.strip() for name in only.split(",") if name.strip()]
@@ -67,7 +70,7 @@ def main(out: Path, workdir: Path | None, only: str, smoke: bool, publish: bool,
 def _run(plan: scenarios.Plan, workdir: Path, chosen: list[str]):
     with harness.origin(workdir) as (origin, direct), \
             harness.hubproxy(origin, workdir / "hubproxy-cache") as hubproxy, \
-            harness.nginx(direct.url, workdir / "nginx") as nginx:
+            harness.nginx(direct.url, workdir / "nginx", hubproxy.ca_file.parent) as nginx:
         ctx = scenarios.Context(plan, workdir, origin, direct, hubproxy, nginx)
         metrics = []
         for name in chosen:

@@ -1,19 +1,26 @@
-"""Benchmark clients, each a separate process: curl for downloads, wrk for small-request rates.
+"""Benchmark clients, each a separate process: curl for downloads, wrk for small-request rates, and
+http.client (what urllib, so tensorflow_hub, uses) for first bytes on fresh connections.
 
-Invariants: clients only talk to 127.0.0.1 URLs handed to them; a download's timings come from
-curl itself (time to first byte, total); bytes are hashed only when asked (smoke runs check them).
+Invariants: clients only talk to 127.0.0.1 (a TLS host name is resolved to it); a download's
+timings come from curl itself (time to first byte, total), a first byte's from its own process;
+bytes are hashed only when asked (smoke runs check them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 _CURL_FORMAT = "%{http_code} %{size_download} %{time_starttransfer} %{time_total}"
 
@@ -47,10 +54,11 @@ class Fleet:
 
 
 def download_many(url: str, clients: int, *, verify: bool = False, proxy: str | None = None,
-                  cacert: Path | None = None) -> Fleet:
+                  cacert: Path | None = None, resolve: str | None = None) -> Fleet:
     """`clients` curl processes fetching url at once (launched back to back), through `proxy` (an
-    HTTPS_PROXY trusted with `cacert`) when given."""
-    through = [] if proxy is None else ["--proxy", proxy, "--cacert", str(cacert)]
+    HTTPS_PROXY) when given, trusting `cacert` for https, with curl's `--resolve` HOST:PORT:ADDRESS."""
+    through = [*(["--proxy", proxy] if proxy else []), *(["--cacert", str(cacert)] if cacert else []),
+               *(["--resolve", resolve] if resolve else [])]
     with tempfile.TemporaryDirectory(prefix="hubproxy-bench-") as scratch:
         outputs = [Path(scratch) / f"{n}.out" if verify else Path("/dev/null") for n in range(clients)]
         launched = []
@@ -66,6 +74,43 @@ def download_many(url: str, clients: int, *, verify: bool = False, proxy: str | 
             digest = _sha256_file(output) if verify else None
             downloads.append(Download(int(status), int(size), float(ttfb), float(total), started, digest))
     return Fleet(downloads)
+
+
+@dataclass(frozen=True)
+class FirstByte:
+    status: int
+    length: int | None  # the response's Content-Length
+    seconds: float  # from the start of connect to the first body byte
+
+
+def first_bytes(url: str, samples: int) -> list[FirstByte]:
+    """`samples` GETs of url one after another, each on a new connection, as urllib makes them; each
+    hangs up after the first body byte. Run in a process of their own, like every client here."""
+    script = ("import json,sys\nfrom dataclasses import asdict\nfrom bench.clients import _first_bytes\n"
+              "print(json.dumps([asdict(s) for s in _first_bytes(sys.argv[1], int(sys.argv[2]))]))")
+    out = subprocess.run([sys.executable, "-c", script, url, str(samples)], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    return [FirstByte(**sample) for sample in json.loads(out)]
+
+
+_URLLIB_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "Python-urllib/3", "Connection": "close"}
+
+
+def _first_bytes(url: str, samples: int) -> list[FirstByte]:
+    parts = urllib.parse.urlsplit(url)
+    taken = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            connection.request("GET", parts.path, headers=_URLLIB_HEADERS)
+            response = connection.getresponse()
+            length = response.length
+            response.read(1)
+            taken.append(FirstByte(response.status, length, time.perf_counter() - started))
+        finally:
+            connection.close()  # with the body unread: the kernel resets the connection, as an abandoned read does
+    return taken
 
 
 def _sha256_file(path: Path) -> str:

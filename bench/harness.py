@@ -1,5 +1,6 @@
 """The servers a benchmark compares, each a real process on 127.0.0.1: the origin emulator, hubproxy,
-and nginx (Debian package) as a proxy_cache mirror of the same origin; plus /proc readings.
+and nginx (Debian package) as a proxy_cache mirror of the same origin, over HTTP and, with a leaf
+from hubproxy's interception CA, over TLS; plus /proc readings.
 
 Invariants: every server listens on loopback only; every process started here is stopped by the
 context manager that started it; nothing here measures, it only starts, stops and reads.
@@ -8,6 +9,7 @@ context manager that started it; nothing here measures, it only starts, stops an
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import random
@@ -19,6 +21,12 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hubproxy.tls import authority, leaves
+from hubproxy.tls.files import PRIVATE, PUBLIC, write_new
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,8 +67,9 @@ class Server:
     name: str
     url: str
     pid: int
-    ca_file: Path | None = None  # the interception CA, for a server that is also an HTTPS_PROXY
+    ca_file: Path | None = None  # the CA a TLS client trusts: the interception CA of an HTTPS_PROXY, or its leaf's
     log: Path | None = None  # where its stderr goes
+    tls_port: int | None = None  # where it also serves TLS_HOST over TLS itself
 
     def pids(self) -> list[int]:
         return [self.pid, *_children(self.pid)]
@@ -183,6 +192,13 @@ http {{
     proxy_cache_path {prefix}/cache levels=1:2 keys_zone=hub:64m max_size=200g inactive=365d use_temp_path=off;
     server {{
         listen 127.0.0.1:{port};
+{location}
+    }}
+{tls_server}}}
+"""
+
+# One location for both servers: the same zone and key, so an archive cached over HTTP is a hit over TLS.
+NGINX_LOCATION = """\
         location / {{
             proxy_pass {origin};
             proxy_http_version 1.1;
@@ -193,27 +209,61 @@ http {{
             proxy_cache_lock on;
             proxy_buffering on;
             add_header X-Cache $upstream_cache_status;
-        }}
+        }}"""
+
+NGINX_TLS_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {host};
+        ssl_certificate {certificate};
+        ssl_certificate_key {key};
+{location}
     }}
-}}
 """
+
+# The host nginx's TLS server presents a certificate for: where hub archives are served from.
+TLS_HOST = "storage.googleapis.com"
 
 
 @contextlib.contextmanager
-def nginx(origin_url: str, prefix: Path) -> Iterator[Server]:
-    """nginx as a careful operator would run it in front of the origin: proxy_cache with its lock."""
+def nginx(origin_url: str, prefix: Path, ca_dir: Path | None = None) -> Iterator[Server]:
+    """nginx as a careful operator would run it in front of the origin: proxy_cache with its lock; with
+    `ca_dir`, also over TLS (Server.tls_port) presenting a leaf for TLS_HOST issued by that CA."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    location = NGINX_LOCATION.format(origin=origin_url)
+    tls_port, tls_server = None, ""
+    if ca_dir is not None:
+        tls_port = free_port()
+        certificate, key = issue_leaf(ca_dir, TLS_HOST, prefix)
+        tls_server = NGINX_TLS_SERVER.format(port=tls_port, host=TLS_HOST, certificate=certificate, key=key,
+                                             location=location)
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, origin=origin_url,
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, location=location, tls_server=tls_server,
                                       user="user root;\n" if os.geteuid() == 0 else ""))
     process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                                stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_port(port, process)
-        yield Server("nginx", f"http://127.0.0.1:{port}", process.pid)
+        for listening in (port, tls_port):
+            if listening is not None:
+                _wait_for_port(listening, process)
+        ca_file = None if ca_dir is None else authority.paths(ca_dir)[0]
+        yield Server("nginx", f"http://127.0.0.1:{port}", process.pid, ca_file=ca_file, tls_port=tls_port)
     finally:
         stop_process(process)
+
+
+def issue_leaf(ca_dir: Path, host: str, directory: Path) -> tuple[Path, Path]:
+    """A leaf for `host` signed by hubproxy's interception CA in `ca_dir`, as hubproxy signs its own
+    (same code), written to `directory` as (certificate, key); the key 0600 from its first byte."""
+    ca = authority.load(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = leaves._sign(ca, host, key, datetime.datetime.now(datetime.UTC) - authority.CLOCK_SKEW,
+                               leaves.DEFAULT_LIFETIME)
+    cert_path, key_path = directory / f"{host}.pem", directory / f"{host}.key"
+    write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=PUBLIC, replace=True)
+    write_new(key_path, leaves._key_pem(key, serialization.NoEncryption()), mode=PRIVATE, replace=True)
+    return cert_path, key_path
 
 
 def _wait_for_port(port: int, process: subprocess.Popen) -> None:

@@ -88,14 +88,16 @@ def markdown(metrics: list[Metric], reps: int, info: dict[str, str], chart: str 
         "",
         "hubproxy, nginx (`proxy_cache` with `proxy_cache_lock on`) and direct download from the same local",
         f"origin, measured in one run on one machine. Cells are min / **median** / max over {reps} repetitions",
-        "(a single number: one sample). Ratios and targets use medians.",
+        "(a single number: one sample). Ratios and targets use medians. Over TLS, hubproxy intercepts (HTTPS_PROXY)",
+        "and nginx serves the same cache with `ssl`, presenting a leaf issued by hubproxy's interception CA.",
         "",
         "| scenario | metric | unit | hubproxy | nginx | direct | hubproxy ÷ nginx | hubproxy ÷ direct | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in metrics:
         cells = [_cell(m.samples.get(server)) for server in SERVERS]
-        lines.append(f"| {m.scenario} | {m.name} | {m.unit} | {' | '.join(cells)} | {_ratio(m, NGINX)} | "
+        name = m.name.replace("|", "\\|")  # "curl | sha256" is one cell
+        lines.append(f"| {m.scenario} | {name} | {m.unit} | {' | '.join(cells)} | {_ratio(m, NGINX)} | "
                      f"{_ratio(m, DIRECT)} | {_verdict(m)} |")
     lines += ["", "## Machine", ""] + [f"- {key}: {value}" for key, value in info.items()]
     if chart:
