@@ -1,4 +1,4 @@
-"""The six benchmark scenarios. Each runs real clients against real servers on 127.0.0.1 and returns
+"""The seven benchmark scenarios. Each runs real clients against real servers on 127.0.0.1 and returns
 Metrics: samples per server (one per repetition) and the target hubproxy is held to.
 
 Invariants: a scenario checks every response it times (status, size, and in smoke runs the sha256)
@@ -186,9 +186,9 @@ def _fetch_over_tls(ctx: Context, server: harness.Server, path: str, archive: Pa
         fleet = clients.download_many(f"https://{harness.TLS_HOST}{path}", 1, verify=ctx.plan.verify,
                                       proxy=server.url, cacert=server.ca_file)
     else:
-        authority = f"{harness.TLS_HOST}:{server.tls_port}"
-        fleet = clients.download_many(f"https://{authority}{path}", 1, verify=ctx.plan.verify,
-                                      cacert=server.ca_file, resolve=f"{authority}:127.0.0.1")
+        host_port = f"{harness.TLS_HOST}:{server.tls_port}"
+        fleet = clients.download_many(f"https://{host_port}{path}", 1, verify=ctx.plan.verify,
+                                      cacert=server.ca_file, resolve=f"{host_port}:127.0.0.1")
     return _checked(fleet, archive, ctx.plan.verify)
 
 
