@@ -310,22 +310,34 @@ def store(tmp_path):
     store.close()
 
 
-# -- disks that refuse writes ----------------------------------------------------------------
+# -- disks that refuse writes (tmpfs), or O_DIRECT (ramfs) ---------------------------------------
 
-@pytest.fixture
-def tmpfs():
-    """mount(mount_point, *options): a tmpfs mounted there ("size=16m", "ro"...) for the test, unmounted
+def _mounts(fstype: str):
+    """mount(mount_point, *options): a filesystem of fstype mounted there for the test, unmounted
     after; the test is skipped where the machine forbids mounts (they need root)."""
     mounted: list[Path] = []
 
     def mount(mount_point: Path, *options: str) -> Path:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(mount_point)],
-                                capture_output=True, text=True)
+        mount_point.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", fstype, *(["-o", ",".join(options)] if options else []), fstype,
+                                 str(mount_point)], capture_output=True, text=True)
         if result.returncode != 0:
-            pytest.skip(f"this machine does not let the tests mount a tmpfs: {result.stderr.strip()}")
+            pytest.skip(f"this machine does not let the tests mount a {fstype}: {result.stderr.strip()}")
         mounted.append(mount_point)
         return mount_point
 
     yield mount
     for mount_point in reversed(mounted):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def tmpfs():
+    """mount(mount_point, *options): a tmpfs ("size=16m", "ro"...), as _mounts."""
+    yield from _mounts("tmpfs")
+
+
+@pytest.fixture
+def ramfs():
+    """mount(mount_point): a ramfs, which refuses O_DIRECT, as _mounts."""
+    yield from _mounts("ramfs")

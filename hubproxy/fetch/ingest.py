@@ -1,6 +1,7 @@
 """The ingest of one flight: upstream bytes received on the event loop (one body across cuts and
-stalls, resume.py), hashed in one thread and written to the temp file in another, checked against
-the origin's evidence, then committed.
+stalls, resume.py), hashed in one thread and written to the temp file in another (around the page
+cache where the filesystem allows: cache/appender.py), checked against the origin's evidence, then
+committed.
 
 Invariants: an entry is committed only when the byte count and every checksum the origin gave
 match (an archive it gave none for must prove itself sound: fetch/archive_integrity.py); at most
@@ -24,6 +25,7 @@ from typing import AsyncIterator, Callable
 
 import aiohttp
 
+from ..cache.appender import Appender
 from ..cache.diskhealth import WriteHealth, disk_trouble
 from ..cache.flightlocks import Lead
 from ..cache.store import Store
@@ -194,7 +196,12 @@ class Ingest:
         flight, loop = self._flight, asyncio.get_running_loop()
         pending: collections.deque[_Batch] = collections.deque()
         received = start
-        with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
+        appender = None if write_fd is None else Appender(write_fd, start)
+        with contextlib.ExitStack() as stack:
+            if appender is not None:
+                stack.callback(appender.close)  # after the writer thread has ended
+            writer = stack.enter_context(_single_thread("hubproxy-writer"))
+            hasher = stack.enter_context(_single_thread("hubproxy-hasher"))
             try:
                 async for pieces in _batches(body, BATCH_SIZE):
                     if flight.state is State.CONNECTING:
@@ -205,7 +212,7 @@ class Ingest:
                     received += batch.size
                     pending.append(batch)
                     if flight.window is None:
-                        batch.write = loop.run_in_executor(writer, _write_all, write_fd, pieces)
+                        batch.write = loop.run_in_executor(writer, appender.append, pieces)
                         batch.write.add_done_callback(functools.partial(self._on_written, batch, pending))
                     else:
                         await self._hold(pieces)
@@ -324,12 +331,3 @@ async def _readany_within(content: ResumableBody, seconds: float) -> bytes | Non
 def _single_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
 
-
-def _write_all(fd: int, pieces: list[bytes]) -> None:
-    views = [memoryview(piece) for piece in pieces]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views.pop(0))
-        if written:
-            views[0] = views[0][written:]
