@@ -129,9 +129,7 @@ async def _send_blob(request: web.Request, entry: Entry, outcome: str, response:
     _count(request, entry, outcome)
     try:
         with blob, _being_sent(request.app[SERVING], entry.sha256):
-            await wire.start(request, response)
-            await wire.send_file(request, response, blob, start, stop - start)
-            await response.write_eof()
+            await wire.send_whole(request, response, blob, start, stop - start)
     except ConnectionError:
         return response  # the client left; nothing of ours to clean up
     request[BODY_BYTES_KEY] = stop - start
