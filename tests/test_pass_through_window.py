@@ -114,7 +114,7 @@ def test_pass_through_readers_get_identical_complete_bytes_and_nothing_is_stored
     assert bodies == [stand_in.read_bytes()] * 3
     assert all(reader.contiguous_from_zero for reader in readers)
     from_memory = {from_window for reader in readers for _, _, from_window in reader.spans}
-    assert from_memory == ({True} if disk == "read-only" else {False, True})
+    assert from_memory == {True}  # the first MiB too: readers this close behind get the recent bytes kept in memory
     assert readers[0].flight.state is State.PASSED
     reason = "read_only" if disk == "read-only" else "no_space"
     assert fetch.sample("hubproxy_cache_write_errors_total", reason=reason) == 1

@@ -71,9 +71,6 @@ class Appender:
                     written = os.pwrite(self._fd, view, self.end)
                 finally:
                     fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags)
-                # readers follow right behind: start reading it back now, in this thread, so their
-                # sendfile on the event loop finds it cached rather than waiting for the disk
-                os.posix_fadvise(self._fd, self.end, written, os.POSIX_FADV_WILLNEED)
                 self.end += written
                 view = view[written:]
             except OSError as e:

@@ -1,10 +1,11 @@
-"""One fetch under way and the readers that tail it: a growing temp file (or, when the disk refuses
-it, a window in memory) that any number of readers follow as the bytes become safe to send.
+"""One fetch under way and the readers that tail it: a growing temp file, whose last RECENT bytes
+received are also kept in memory (or, when the disk refuses it, a window in memory), that any
+number of readers follow as the bytes become safe to send.
 
 Invariants: readers never receive the final HOLDBACK bytes of an archive before it is verified, so
-a bad fetch always ends their stream short of a complete archive; in pass-through, the window only
-lets go of bytes every streaming reader has sent; the ingest (ingest.py) is the only writer of the
-state here, and every change of it wakes the readers.
+a bad fetch always ends their stream short of a complete archive; recent bytes leave memory only
+once on disk; in pass-through, the window only lets go of bytes every streaming reader has sent;
+the ingest (ingest.py) is the only writer of the state here, and every change of it wakes readers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ MAX_SPAN_DELAY = 0.05  # seconds
 # The tar end-of-archive marker is encoded in the last few hundred bytes of a .tar.gz; while a
 # reader lacks them, tensorflow_hub cannot finish extracting, so it fails if we then hang up.
 HOLDBACK = 1024 * 1024
+# What a fetch keeps in memory of the bytes it last received, also on their way to the file: readers
+# close behind send from it, so none waits for the disk or reads back what was just written.
+RECENT = 16 * 1024 * 1024
+MIN_RECENT_SPAN = 1024 * 1024  # a batch (ingest.BATCH_SIZE): readers close behind keep up with each one
 
 Span = tuple[int, int, "list[memoryview] | None"]  # (start, length, bytes or None: in the file)
 
@@ -53,6 +58,7 @@ class Flight:
         self.error: FetchFailed | None = None
         self.written = 0  # bytes [0, written) are in the temp file
         self.window: Window | None = None  # the bytes past `written`, once the disk refused them
+        self.recent: Window | None = None  # the last RECENT bytes received, while the disk takes them
         self.fetched_here = False  # from upstream by this process (else followed from another's fetch)
         self.streamers = 0  # readers that follow spans(), as opposed to waiting for the end
         self._readers = 0
@@ -68,8 +74,10 @@ class Flight:
 
     @property
     def received(self) -> int:
-        """Archive bytes received so far (on disk, or past `written` in the window)."""
-        return self.written if self.window is None else self.window.end
+        """Archive bytes received so far (on disk, or past `written` in memory)."""
+        if self.window is not None:
+            return self.window.end
+        return self.written if self.recent is None else self.recent.end
 
     @property
     def joinable(self) -> bool:
@@ -111,7 +119,7 @@ class Flight:
                 limit = self._sendable()
                 ready = limit - offset
                 overdue = loop.time() - last_send >= MAX_SPAN_DELAY
-                if ready > 0 and (ready >= MIN_SPAN or overdue or self.state is not State.STREAMING):
+                if ready > 0 and (ready >= self._min_span(offset) or overdue or self.state is not State.STREAMING):
                     span = self._span(offset, limit)
                     yield span
                     offset, last_send = offset + span[1], loop.time()
@@ -148,6 +156,10 @@ class Flight:
             raise FetchFailed(503, f"{self.key} was fetched and verified, but the cache cannot store it now")
         return self.entry
 
+    def _min_span(self, offset: int) -> int:
+        """Readers close behind send sooner, so they stay within the recent bytes kept in memory."""
+        return MIN_RECENT_SPAN if self.recent is not None and offset >= self.recent.start else MIN_SPAN
+
     def _sendable(self) -> int:
         if self.state in VERIFIED:
             return self.received
@@ -156,12 +168,12 @@ class Flight:
         return 0
 
     def _span(self, offset: int, limit: int) -> Span:
-        """The next span from offset: from the file up to `written`, from the window after it."""
-        if self.window is None or limit <= self.written:
-            return offset, limit - offset, None
-        if offset < self.written:
-            return offset, self.written - offset, None
-        return offset, limit - offset, self.window.read(offset, limit - offset)
+        """The next span from offset: from memory when it holds offset (the window in pass-through,
+        else the recent bytes), else from the file, up to `written`."""
+        memory = self.window if self.window is not None else self.recent
+        if memory is not None and offset >= memory.start:
+            return offset, limit - offset, memory.read(offset, limit - offset)
+        return offset, min(limit, self.written) - offset, None
 
     def release_window(self) -> None:
         """Let the window drop what every streaming reader has sent (all of it when none is left)."""
@@ -201,19 +213,37 @@ class Flight:
         self.state = State.STREAMING
         self.notify()
 
+    def keep_recent(self, start: int) -> None:
+        """From byte `start` on, the bytes received are also kept in memory, RECENT of them at most."""
+        self.recent = Window(start, RECENT)
+
+    def arrived(self, pieces: list[bytes]) -> None:
+        """Bytes received, on their way to the file: readers may send them from memory now."""
+        self.recent.append(pieces)
+        self._forget_recent()
+        self.notify()
+
     def advance(self, end: int) -> None:
         """Bytes [0, end) are on disk: wake the readers."""
         if end > self.written:
             self.written = end
-            self.notify()
+            self._forget_recent()
+            if self.recent is None:
+                self.notify()
+
+    def _forget_recent(self) -> None:
+        """Only bytes on disk leave memory: a reader behind the recent ones finds them in the file."""
+        if self.recent is not None:
+            self.recent.drop_before(min(self.written, self.recent.end - RECENT))
 
     def hold_in_memory(self, start: int, limit: int) -> Window:
         """From byte `start` on, bytes reach the readers through a window in memory."""
-        self.window = Window(start, limit)
+        self.window, self.recent = Window(start, limit), None
         return self.window
 
     def ended(self, state: State, entry: Entry | None = None, error: FetchFailed | None = None) -> None:
         self.state, self.entry, self.error = state, entry, error
+        self.recent = None  # every byte is on disk by now (or the readers fail)
         if self.on_end is not None:
             self.on_end(self)
         self.notify()

@@ -197,6 +197,8 @@ class Ingest:
         pending: collections.deque[_Batch] = collections.deque()
         received = start
         appender = None if write_fd is None else Appender(write_fd, start)
+        if appender is not None:
+            flight.keep_recent(start)
         with contextlib.ExitStack() as stack:
             if appender is not None:
                 stack.callback(appender.close)  # after the writer thread has ended
@@ -212,6 +214,7 @@ class Ingest:
                     received += batch.size
                     pending.append(batch)
                     if flight.window is None:
+                        flight.arrived(pieces)
                         batch.write = loop.run_in_executor(writer, appender.append, pieces)
                         batch.write.add_done_callback(functools.partial(self._on_written, batch, pending))
                     else:
