@@ -28,7 +28,7 @@ MAX_SPAN_DELAY = 0.05  # seconds
 HOLDBACK = 1024 * 1024
 # What a fetch keeps in memory of the bytes it last received, also on their way to the file: readers
 # close behind send from it, so none waits for the disk or reads back what was just written.
-RECENT = 16 * 1024 * 1024
+RECENT = 8 * 1024 * 1024
 MIN_RECENT_SPAN = 1024 * 1024  # a batch (ingest.BATCH_SIZE): readers close behind keep up with each one
 
 Span = tuple[int, int, "list[memoryview] | None"]  # (start, length, bytes or None: in the file)
