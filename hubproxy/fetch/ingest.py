@@ -262,6 +262,7 @@ class Ingest:
                 batch.write.cancel()
                 batch.write = None
             window.append(batch.pieces)
+        self._flight.release_window()  # readers may be past these bytes already (sent from the recent ones)
         self._flight.notify()
 
     async def _hold(self, pieces: list[bytes]) -> None:
