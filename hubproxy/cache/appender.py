@@ -46,11 +46,6 @@ class Appender:
                     staged = 0
         self._flush(staged)
 
-    def close(self) -> None:
-        """Let go of the staging buffer. Not mmap.close(): the traceback of a write the disk refused
-        may still hold a view of it, and the buffer is unmapped once the last view goes."""
-        self._staging = None
-
     def _flush(self, staged: int) -> None:
         """Write what is staged: a partial block at either edge through the page cache, the whole
         blocks between them direct."""

@@ -199,11 +199,7 @@ class Ingest:
         appender = None if write_fd is None else Appender(write_fd, start)
         if appender is not None:
             flight.keep_recent(start)
-        with contextlib.ExitStack() as stack:
-            if appender is not None:
-                stack.callback(appender.close)  # after the writer thread has ended
-            writer = stack.enter_context(_single_thread("hubproxy-writer"))
-            hasher = stack.enter_context(_single_thread("hubproxy-hasher"))
+        with _single_thread("hubproxy-writer") as writer, _single_thread("hubproxy-hasher") as hasher:
             try:
                 async for pieces in _batches(body, BATCH_SIZE):
                     if flight.state is State.CONNECTING:
