@@ -1,10 +1,13 @@
-"""Every client connection, from accept to close: the protocol in front of aiohttp's (and of the
-forward-proxy door when intercepting), which sees every byte before it and keeps three rules.
+"""Every client connection but those quickhits.py answers at accept, to its close: the protocol in
+front of aiohttp's (and of the forward-proxy door when intercepting), which sees every byte before it
+and keeps these rules (the connection cap counts quick answers too).
 
 Invariants:
 - a request head has a deadline, from the connection's start (accepted, or a TLS tunnel's
   handshake done) or, on a kept-alive connection, from the next head's first byte; bytes never
   extend it; when it passes the client gets a 408 with a one-line reason and the connection closes;
+- a connection closed on a refusal (408, 503) is half-closed after it and drops what the client still
+  sends until the client's end or LINGER_SECONDS: no reset (a close with bytes unread) overtakes it;
 - at most `cap` connections are open: one more closes the longest-idle connection (between
   requests) first, or, when every other is busy, is itself answered 503 and closed;
 - an HTTP/1.0 request with Transfer-Encoding has faulty framing (RFC 9112 6.1): the connection
@@ -30,6 +33,9 @@ HEAD_END = b"\r\n\r\n"
 # How long a closing TLS connection waits for the client's close_notify (asyncio's default, 30s, would
 # hold a drain that long for every intercepted client that never sends one).
 TLS_CLOSE_SECONDS = 5.0
+# How long a connection closing on a refusal (408, 503) reads and drops what the client still sends:
+# closed with its bytes unread, it would be reset, and a reset can overtake the refusal.
+LINGER_SECONDS = 2.0
 IDLE, HEAD, REQUEST = "idle", "head", "request"  # between requests; a head arriving; a request being answered
 
 
@@ -108,6 +114,7 @@ class Connection(asyncio.Protocol):
         self._tail = b""  # the last bytes seen, so a head's end split across reads is found
         self._carried = False  # bytes arrived while a request was answered: the next head may have begun
         self._deadline: asyncio.TimerHandle | None = None
+        self._lingering = False  # refused: what arrives now is dropped
 
     # -- asyncio.Protocol: everything is passed on to the inner protocol -------------------
 
@@ -123,14 +130,16 @@ class Connection(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is None:
+        if self._inner is None or self._lingering:
             return
         if self._http:
             self._watch(data)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return None if self._inner is None else self._inner.eof_received()
+        if self._inner is None or self._lingering:
+            return None  # the transport closes
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
         if self._inner is not None:
@@ -253,7 +262,18 @@ class Connection(asyncio.Protocol):
         body = reason.encode() + b"\n"
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
-        self.close()
+        self._close_after_lingering()
+
+    def _close_after_lingering(self) -> None:
+        """Close without losing what was just written: half-close now (the client reads the answer,
+        then its end), drop what the client still sends, and close on its end or LINGER_SECONDS."""
+        if not self.transport.can_write_eof():  # TLS: its close_notify ends the answer cleanly
+            self.close()
+            return
+        self._stop_deadline()
+        self._lingering = True
+        self.transport.write_eof()
+        self._deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None:
