@@ -1,17 +1,15 @@
 """The process's file descriptor table: its soft limit raised to the hard one at start, the cap on
 client connections that keeps them from filling it, and accept() failing for want of descriptors
-logged once per burst.
+logged once per burst (door.py).
 
 Invariants: the cap leaves RESERVE descriptors for the index, logs, upstream connections,
 temporary files and the sockets one burst of accept() calls takes before any is closed, and one
-more descriptor per connection for the blob or partial archive it is sent from; asyncio's report
-of a failed accept() (it retries the listener by itself) is one WARNING line per burst, never a
-traceback per attempt; every other loop error is asyncio's.
+more descriptor per connection for the blob or partial archive it is sent from; trouble that
+repeats (a failed accept(), retried each second) is one line per burst, never one per attempt.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import resource
 import time
@@ -20,7 +18,6 @@ log = logging.getLogger(__name__)
 
 RESERVE = 64 + 128  # the index, logs, upstream connections, temp files; and a burst of accepts (the backlog)
 BURST_GAP_SECONDS = 60.0  # trouble this long after the last of its kind starts a new burst
-_ACCEPT_TROUBLE = "socket.accept() out of system resource"  # asyncio's message (selector_events)
 
 
 def raise_soft_limit() -> int:
@@ -57,18 +54,3 @@ class Burst:
             self._count = 0
         self._count += 1
         self._last = now
-
-
-def quiet_accept_trouble(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio logs an ERROR with a traceback each time accept() fails for want of descriptors (or
-    memory); make it one line per burst."""
-    burst = Burst("cannot accept connections")
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        error = context.get("exception")
-        if context.get("message") == _ACCEPT_TROUBLE and isinstance(error, OSError):
-            burst.happened(f"{error.strerror or error}; retrying")
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)

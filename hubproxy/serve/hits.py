@@ -69,7 +69,7 @@ def _span(wanted: slice, size: int) -> tuple[int, int]:
     return start, stop
 
 
-def _validators(entry: Entry, outcome: str) -> dict[str, str]:
+def validators(entry: Entry, outcome: str) -> dict[str, str]:
     return {X_CACHE: outcome, "ETag": f'"{entry.sha256}"',
             "Last-Modified": email.utils.formatdate(entry.fetched, usegmt=True),
             "Repr-Digest": "sha-256=:" + base64.b64encode(bytes.fromhex(entry.sha256)).decode() + ":",
@@ -96,7 +96,7 @@ async def serve_if_cached(request: web.Request, key: str) -> web.StreamResponse 
 
 async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> web.StreamResponse | None:
     """The response for a cached entry; None when its blob is gone since the lookup."""
-    headers = _validators(entry, outcome)
+    headers = validators(entry, outcome)
     if_none_match = ", ".join(request.headers.getall("If-None-Match", ()))  # several fields are one list
     if if_none_match and _matches_any(if_none_match, entry.sha256):
         _count(request, entry, outcome)
@@ -109,8 +109,7 @@ async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> w
     except _Unsatisfiable:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{entry.size}"})
     status = 200 if wanted is None else 206
-    headers.update({"Content-Type": safe_media_type(entry.content_type),  # an older version stored any
-                    "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
+    headers.update(body_headers(entry, stop - start))
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{entry.size}"
     if request.method == "HEAD":
@@ -121,6 +120,12 @@ async def serve_hit(request: web.Request, entry: Entry, outcome: str = HIT) -> w
     return await _send_blob(request, entry, outcome, web.StreamResponse(status=status, headers=headers), start, stop)
 
 
+def body_headers(entry: Entry, length: int) -> dict[str, str]:
+    """What a response with `length` bytes of the archive says of its body."""
+    return {"Content-Type": safe_media_type(entry.content_type),  # an older version stored any
+            "Accept-Ranges": "bytes", "Content-Length": str(length)}
+
+
 async def _send_blob(request: web.Request, entry: Entry, outcome: str, response: web.StreamResponse,
                      start: int, stop: int) -> web.StreamResponse | None:
     blob = request.app[STORE].open_blob(entry)
@@ -128,7 +133,7 @@ async def _send_blob(request: web.Request, entry: Entry, outcome: str, response:
         return None
     _count(request, entry, outcome)
     try:
-        with blob, _being_sent(request.app[SERVING], entry.sha256):
+        with blob, being_sent(request.app[SERVING], entry.sha256):
             await wire.send_whole(request, response, blob, start, stop - start)
     except ConnectionError:
         return response  # the client left; nothing of ours to clean up
@@ -138,7 +143,7 @@ async def _send_blob(request: web.Request, entry: Entry, outcome: str, response:
 
 
 @contextlib.contextmanager
-def _being_sent(serving: collections.Counter, sha256: str) -> Iterator[None]:
+def being_sent(serving: collections.Counter, sha256: str) -> Iterator[None]:
     """The blob counts as being sent (so it is not evicted) until the block ends; one no longer sent
     leaves no key behind, or the counter would grow by every blob ever served."""
     serving[sha256] += 1
@@ -152,5 +157,9 @@ def _being_sent(serving: collections.Counter, sha256: str) -> Iterator[None]:
 
 def _count(request: web.Request, entry: Entry, outcome: str) -> None:
     if outcome == HIT:
-        request.app[METRICS].hits.inc()
-        request.app[STORE].record_hit(entry.key)
+        count_hit(request.app, entry)
+
+
+def count_hit(app: web.Application, entry: Entry) -> None:
+    app[METRICS].hits.inc()
+    app[STORE].record_hit(entry.key)

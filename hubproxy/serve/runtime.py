@@ -2,7 +2,9 @@
 clean stop on SIGTERM/SIGINT.
 
 Invariants: the "listening on URL" line is printed only once the socket accepts connections;
-every connection passes through front.Connection (head deadline, connection cap), in both modes;
+every connection is accepted by door.Door, and is answered by quickhits.QuickHits (a new
+connection's plain GET of a cached archive) or passes through front.Connection (head deadline),
+both under one connection cap, in both modes;
 on a stop signal the connections drain (drain.py), then the components stop (hit counts are
 written), and buffered access lines are flushed last; a malformed request costs one log line,
 never a traceback.
@@ -27,10 +29,12 @@ from ..tls.leaves import Leaves
 from . import accesslog, fdtable
 from .app import create_app
 from .components import METRICS
+from .door import Door
 from .drain import StopSignals, drain_when_signalled
 from .front import Connection, Table
 from .intercept import Doors, ProxyFront
 from .lifecycle import LIFECYCLE
+from .quickhits import QuickHits
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +131,6 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
     app = runner.app
     await runner.setup()
     listener = None
-    loop = asyncio.get_running_loop()
-    fdtable.quiet_accept_trouble(loop)
     try:
         contexts = interception_contexts(settings) if settings.intercept else None
         sock = listening(sock or bound_socket(settings, reuse_port=orders is not None))
@@ -136,8 +138,8 @@ async def serve_until_stopped(settings: Settings, announce: Callable[[str], None
         if contexts is not None:  # the same port is also a forward proxy for the hub hosts
             first = functools.partial(ProxyFront, Doors(runner.server, contexts, settings.tunnel, app[METRICS]))
         table, header_timeout = connection_table(settings), settings.header_timeout_seconds
-        listener = await loop.create_server(lambda: Connection(table, header_timeout, first), sock=sock,
-                                            backlog=BACKLOG)
+        listener = Door(sock, lambda: Connection(table, header_timeout, first), BACKLOG,
+                        QuickHits(app, table, access_log))
         host, port = sock.getsockname()[:2]
         announce(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         await drain_when_signalled(signals, listener, table, app[LIFECYCLE], settings.drain_timeout_seconds)
