@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import re
 import socket
 import time
@@ -61,6 +62,7 @@ def plain_close_get(data: bytes) -> tuple[str, int] | None:
     return first.group(1).decode("ascii"), end + 4
 
 
+@functools.lru_cache(maxsize=4096)
 def hub_key(target: str) -> str | None:
     """The cache key a target asks for, when hub() would answer it; else None."""
     if target.startswith(_NOT_HUB):
@@ -120,9 +122,7 @@ class QuickHits:
         return asked[0], asked[1], entry, blob
 
     def _head(self, entry: Entry) -> bytes:
-        fields = {**validators(entry, HIT), **body_headers(entry, entry.size),
-                  "Date": self._date.now(), "Server": "hubproxy", "Connection": "close"}
-        return ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n").encode()
+        return _head_before_date(entry) + self._date.now() + _HEAD_AFTER_DATE
 
     async def _send(self, sending: _Sending, held: contextlib.ExitStack, blob: BinaryIO, entry: Entry,
                     unsent: bytes | None, path: str, peer: tuple, started: float) -> None:
@@ -147,6 +147,16 @@ class QuickHits:
                 self._access_log.write(accesslog.line(
                     handle=entry.key, path=path, method="GET", outcome=HIT, status=200, body_bytes=sent,
                     seconds=time.monotonic() - started, client=peer[0]))
+
+
+_HEAD_AFTER_DATE = b"\r\nServer: hubproxy\r\nConnection: close\r\n\r\n"  # as aiohttp ends a head
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_before_date(entry: Entry) -> bytes:
+    """The head of a whole archive's 200 up to the Date's value: the same for every answer of an entry."""
+    fields = {**validators(entry, HIT), **body_headers(entry, entry.size)}
+    return ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "Date: ").encode()
 
 
 def _send_now(conn: socket.socket, data: bytes) -> int:
@@ -188,10 +198,10 @@ class _HttpDate:
     """The Date field's value, formatted once a second as aiohttp does."""
 
     def __init__(self) -> None:
-        self._second, self._text = -1, ""
+        self._second, self._text = -1, b""
 
-    def now(self) -> str:
+    def now(self) -> bytes:
         second = int(time.time())
         if second != self._second:
-            self._second, self._text = second, email.utils.formatdate(second, usegmt=True)
+            self._second, self._text = second, email.utils.formatdate(second, usegmt=True).encode()
         return self._text
