@@ -81,6 +81,7 @@ class QuickHits:
         self._date = _HttpDate()
 
     def __call__(self, conn: socket.socket, peer: tuple) -> bool:
+        started = time.monotonic()
         found = self._cached_archive_asked(conn)
         if found is None:
             return False
@@ -90,17 +91,19 @@ class QuickHits:
             blob.close()
             return False  # aiohttp's path answers the 503
         self._table.busy(sending)
+        try:
+            first = self._head(entry) + blob.read(min(entry.size, wire.FIRST_BYTES))
+        except OSError:  # the disk's trouble: the sending ends at once
+            first = None
+        unsent = None if first is None else first[_send_now(conn, first):]
+        with contextlib.suppress(OSError):  # a reset: the sending finds out
+            conn.recv(head_length)  # the head, peeked whole before (read now, after the answer's start)
+        # The first bytes are on their way; the rest of the bookkeeping runs before the loop does
+        # again, so no eviction can come between the open and the blob counting as busy.
         held = contextlib.ExitStack()  # until the send ends: the blob open, and busy (never evicted)
         held.enter_context(blob)
         held.enter_context(being_sent(self._app[SERVING], entry.sha256))
         count_hit(self._app, entry)
-        started = time.monotonic()
-        try:
-            conn.recv(head_length)  # the head, peeked whole a moment ago
-            first = self._head(entry) + blob.read(min(entry.size, wire.FIRST_BYTES))
-        except OSError:  # the client's reset, or the disk's: the sending ends at once
-            first = None
-        unsent = None if first is None else first[_send_now(conn, first):]
         sending.task = asyncio.get_running_loop().create_task(
             self._send(sending, held, blob, entry, unsent, target.partition("?")[0], peer, started))
         return True
