@@ -8,7 +8,7 @@ Connection: close among them, a target that is a hub handle (never one of the mi
 routes) cached now, a connection table with room, and no drain; a declined connection has had
 nothing read from it; the response is byte for byte the head aiohttp's path sends (hits.py's
 headers, then Date, Server, Connection: close) and the blob's bytes, counted, logged and kept from
-eviction alike (tests/test_quick_hits.py holds both paths to it).
+eviction alike (tests/test_quick_hits_match_the_full_path.py holds both paths to it).
 """
 
 from __future__ import annotations
