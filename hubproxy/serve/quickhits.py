@@ -98,6 +98,7 @@ class QuickHits:
         unsent = None if first is None else first[_send_now(conn, first):]
         with contextlib.suppress(OSError):  # a reset: the sending finds out
             conn.recv(head_length)  # the head, peeked whole before (read now, after the answer's start)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the body's last segment goes at once
         # The first bytes are on their way; the rest of the bookkeeping runs before the loop does
         # again, so no eviction can come between the open and the blob counting as busy.
         held = contextlib.ExitStack()  # until the send ends: the blob open, and busy (never evicted)
