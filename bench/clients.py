@@ -83,34 +83,46 @@ class FirstByte:
     seconds: float  # from the start of connect to the first body byte
 
 
-def first_bytes(url: str, samples: int) -> list[FirstByte]:
-    """`samples` GETs of url one after another, each on a new connection, as urllib makes them; each
-    hangs up after the first body byte. Run in a process of their own, like every client here."""
+FIRST_BYTE_BATCH = 20  # samples of one server before the next server's turn
+
+
+def first_bytes(urls: list[str], samples: int) -> dict[str, list[FirstByte]]:
+    """`samples` GETs of each url one after another, each on a new connection, as urllib makes them;
+    each hangs up after the first body byte. The urls take turns, FIRST_BYTE_BATCH samples at a time,
+    so a drift in the machine's state (another process's burst, the CPUs' placement) falls on all of
+    them alike. Run in a process of their own, like every client here."""
     script = ("import json,sys\nfrom dataclasses import asdict\nfrom bench.clients import _first_bytes\n"
-              "print(json.dumps([asdict(s) for s in _first_bytes(sys.argv[1], int(sys.argv[2]))]))")
-    out = subprocess.run([sys.executable, "-c", script, url, str(samples)], capture_output=True, text=True,
+              "print(json.dumps({url: [asdict(s) for s in taken] for url, taken in "
+              "_first_bytes(sys.argv[2:], int(sys.argv[1])).items()}))")
+    out = subprocess.run([sys.executable, "-c", script, str(samples), *urls], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
-    return [FirstByte(**sample) for sample in json.loads(out)]
+    return {url: [FirstByte(**sample) for sample in taken] for url, taken in json.loads(out).items()}
 
 
 _URLLIB_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "Python-urllib/3", "Connection": "close"}
 
 
-def _first_bytes(url: str, samples: int) -> list[FirstByte]:
-    parts = urllib.parse.urlsplit(url)
-    taken = []
-    for _ in range(samples):
-        started = time.perf_counter()
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-        try:
-            connection.request("GET", parts.path, headers=_URLLIB_HEADERS)
-            response = connection.getresponse()
-            length = response.length
-            response.read(1)
-            taken.append(FirstByte(response.status, length, time.perf_counter() - started))
-        finally:
-            connection.close()  # with the body unread: the kernel resets the connection, as an abandoned read does
+def _first_bytes(urls: list[str], samples: int) -> dict[str, list[FirstByte]]:
+    taken = {url: [] for url in urls}
+    while any(len(t) < samples for t in taken.values()):
+        for url in urls:
+            for _ in range(min(FIRST_BYTE_BATCH, samples - len(taken[url]))):
+                taken[url].append(_first_byte(url))
     return taken
+
+
+def _first_byte(url: str) -> FirstByte:
+    parts = urllib.parse.urlsplit(url)
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("GET", parts.path, headers=_URLLIB_HEADERS)
+        response = connection.getresponse()
+        length = response.length
+        response.read(1)
+        return FirstByte(response.status, length, time.perf_counter() - started)
+    finally:
+        connection.close()  # with the body unread: the kernel resets the connection, as an abandoned read does
 
 
 def _sha256_file(path: Path) -> str:

@@ -157,7 +157,9 @@ def hit(ctx: Context) -> list[Metric]:
             fleet = _fetch(ctx, server, path, archive, plan.hit_clients)
             many.add(server.name, _gbps(fleet))
             cpu.add(server.name, (server.cpu_seconds() - before) / (fleet.total_bytes / GB))
-            first_byte.add(server.name, _median_first_byte_ms(server.url + path, archive, plan.ttfb_samples))
+        taken = clients.first_bytes([server.url + path for server in servers], plan.ttfb_samples)
+        for server in servers:
+            first_byte.add(server.name, _median_first_byte_ms(taken[server.url + path], archive))
         gets = ctx.origin_gets(path)
         for server in ctx.proxies():
             tls.add(server.name, _gbps(_fetch_over_tls(ctx, server, path, archive)))
@@ -171,8 +173,7 @@ def _gbps(fleet: Fleet) -> float:
     return fleet.total_bytes / fleet.wall / GB
 
 
-def _median_first_byte_ms(url: str, archive: Path, samples: int) -> float:
-    taken = clients.first_bytes(url, samples)
+def _median_first_byte_ms(taken: list[clients.FirstByte], archive: Path) -> float:
     for sample in taken:
         if sample.status != 200 or sample.length != archive.stat().st_size:
             raise BenchError(f"a first-byte client got status {sample.status} announcing {sample.length} bytes")
