@@ -41,6 +41,7 @@ _FIELD = re.compile(rb"([A-Za-z-]+):[ \t]*([!-~](?:[ -~]*[!-~])?)?[ \t]*")
 _NOT_HUB = ("/admin/", FILES_PATH + "/", SERVICE_PATH)  # hub() never answers these (app.py routes them)
 
 
+@functools.lru_cache(maxsize=256)  # a client's requests for one archive are the same bytes each time
 def plain_close_get(data: bytes) -> tuple[str, int] | None:
     """(target, length of the head) when data starts with a whole head of a plain GET that closes
     the connection after its response; None for anything else."""
