@@ -78,4 +78,3 @@ def test_a_cache_on_a_filesystem_without_o_direct_stores_and_serves_archives(pro
         status, headers, body = proxy.get(f"/{model.handle}?tf-hub-format=compressed")
         assert (status, headers["X-Cache"], body == expected) == (200, outcome, True)
     assert "Traceback" not in proxy.log.read_text()
-

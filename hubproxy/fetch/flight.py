@@ -228,7 +228,7 @@ class Flight:
         if end > self.written:
             self.written = end
             self._forget_recent()
-            if self.recent is None:
+            if self.recent is None:  # else arrived() woke them: what they may send is counted from received
                 self.notify()
 
     def _forget_recent(self) -> None:

@@ -5,10 +5,11 @@ declined, and aiohttp answers it as before.
 Invariants: a connection is answered here only when its first bytes hold a whole head that is
 `GET <target> HTTP/1.1` with no field but PLAIN_FIELDS (each at most once, printable ASCII),
 Connection: close among them, a target that is a hub handle (never one of the mirror's own
-routes) cached now, a connection table with room, and no drain; a declined connection has had
-nothing read from it; the response is byte for byte the head aiohttp's path sends (hits.py's
-headers, then Date, Server, Connection: close) and the blob's bytes, counted, logged and kept from
-eviction alike (tests/test_quick_hits_match_the_full_path.py holds both paths to it).
+routes) cached now, and a connection table with room (a drain closes the door as it begins, so
+no quick answer starts during one); a declined connection has had nothing read from it; the
+response is byte for byte the head aiohttp's path sends (hits.py's headers, then Date, Server,
+Connection: close) and the blob's bytes, counted, logged and kept from eviction alike
+(tests/test_quick_hits_match_the_full_path.py holds both paths to it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from .components import METRICS, SERVING, STORE
 from .front import Table
 from .hits import being_sent, body_headers, count_hit, validators
 from .kagglebody import SERVICE_PATH
-from .lifecycle import LIFECYCLE
 from .replies import HIT
 
 MAX_HEAD = 8190  # aiohttp's limit on a request line or field (max_field_size); a longer head is aiohttp's
@@ -112,9 +112,7 @@ class QuickHits:
 
     def _cached_archive_asked(self, conn: socket.socket) -> tuple[str, int, Entry, BinaryIO] | None:
         """(target, head length, entry, its blob open) when the connection's first bytes are a plain
-        close-after GET of a cached archive and no drain is under way; None, having read nothing."""
-        if self._app[LIFECYCLE].draining:
-            return None
+        close-after GET of a cached archive; None, having read nothing."""
         try:
             asked = plain_close_get(conn.recv(MAX_HEAD + 4, socket.MSG_PEEK))
         except OSError:
