@@ -220,6 +220,19 @@ def test_a_client_leaving_mid_answer_costs_nothing_but_its_connection(proxy_fact
 
 # -- the door: every connection is offered first, with its request readable -------------------------
 
+def test_a_connection_that_sends_nothing_stalls_no_one(proxy_factory, clean_origin, archives):
+    """Deferred accept hands a silent connection over after about a second, with no bytes yet, and
+    the door offers it as accepted, still blocking: the quick answer's look must not wait on it."""
+    proxy = proxy_factory(None, "--header-timeout", "1s")
+    model = clean_origin.register(archives.small)
+    assert proxy.get(f"/{model.handle}")[1]["X-Cache"] == "MISS"
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as silent:
+        assert silent.recv(65536).startswith(b"HTTP/1.1 408")  # a stalled loop would send nothing
+    status, answer = raw_exchange(proxy.url, _urllib_head(f"/{model.handle}"))
+    assert (status, answer.partition(b"\r\n\r\n")[2]) == (200, archives.small.read_bytes())
+
+
 def test_the_door_offers_each_connection_with_its_request_readable_and_passes_declined_ones_on_whole():
     offered = []
 

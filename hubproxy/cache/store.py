@@ -122,6 +122,13 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def open_blob_descriptor(self, entry: Entry) -> int | None:
+        """open_blob as a bare descriptor (one system call, no file object), which the caller closes."""
+        try:
+            return os.open(self._blob_file(entry.sha256), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
     def has_blob(self, entry: Entry) -> bool:
         """Whether the blob is on disk now (lookup's answer may be up to memo_seconds old)."""
         return os.path.isfile(self._blob_file(entry.sha256))

@@ -25,8 +25,10 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 class Door:
     """Accepts on a listening, non-blocking socket until closed. `quick(sock, peer)` answers the
-    connection itself and returns True, or returns False having read nothing; `factory` makes the
-    protocol of every connection it declines."""
+    connection itself and returns True, or returns False having read nothing; it gets the socket as
+    accepted, in blocking mode, so it must not wait (MSG_DONTWAIT) until it has made it non-blocking
+    (one system call fewer before the answer's first bytes). `factory` makes the protocol of every
+    connection it declines."""
 
     def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], backlog: int,
                  quick: Callable[[socket.socket, tuple], bool]):
@@ -58,8 +60,8 @@ class Door:
                     raise
                 self._pause(e)
                 return
-            conn.setblocking(False)
             if not self._quick(conn, peer):
+                conn.setblocking(False)
                 self._hand_over(conn)
 
     def _hand_over(self, conn: socket.socket) -> None:

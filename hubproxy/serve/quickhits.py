@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import os
 import re
 import socket
 import time
@@ -80,23 +81,21 @@ class QuickHits:
     def __init__(self, app: web.Application, table: Table, access_log: accesslog.AccessLog):
         self._app, self._table, self._access_log = app, table, access_log
         self._date = _HttpDate()
+        self._store = app[STORE]
 
     def __call__(self, conn: socket.socket, peer: tuple) -> bool:
         started = time.monotonic()
         found = self._cached_archive_asked(conn)
         if found is None:
             return False
-        target, head_length, entry, blob = found
+        target, head_length, entry, descriptor = found
         sending = _Sending(conn)
         if not self._table.admit(sending):
-            blob.close()
+            os.close(descriptor)
             return False  # aiohttp's path answers the 503
         self._table.busy(sending)
-        try:
-            first = self._head(entry) + blob.read(min(entry.size, wire.FIRST_BYTES))
-        except OSError:  # the disk's trouble: the sending ends at once
-            first = None
-        unsent = None if first is None else first[_send_now(conn, first):]
+        unsent, blob = self._send_first(conn, entry, descriptor)
+        conn.setblocking(False)
         with contextlib.suppress(OSError):  # a reset: the sending finds out
             conn.recv(head_length)  # the head, peeked whole before (read now, after the answer's start)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the body's last segment goes at once
@@ -110,19 +109,32 @@ class QuickHits:
             self._send(sending, held, blob, entry, unsent, target.partition("?")[0], peer, started))
         return True
 
-    def _cached_archive_asked(self, conn: socket.socket) -> tuple[str, int, Entry, BinaryIO] | None:
-        """(target, head length, entry, its blob open) when the connection's first bytes are a plain
-        close-after GET of a cached archive; None, having read nothing."""
+    def _cached_archive_asked(self, conn: socket.socket) -> tuple[str, int, Entry, int] | None:
+        """(target, head length, entry, its blob's open descriptor) when the connection's first bytes
+        are a plain close-after GET of a cached archive; None, having read nothing."""
         try:
-            asked = plain_close_get(conn.recv(MAX_HEAD + 4, socket.MSG_PEEK))
+            asked = plain_close_get(conn.recv(MAX_HEAD + 4, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
             return None
         key = hub_key(asked[0]) if asked else None
-        entry = self._app[STORE].lookup(key) if key else None
-        blob = self._app[STORE].open_blob(entry) if entry else None
-        if blob is None:
+        entry = self._store.lookup(key) if key else None
+        descriptor = self._store.open_blob_descriptor(entry) if entry else None
+        if descriptor is None:
             return None  # aiohttp's path answers, and forgets an entry whose blob is gone
-        return asked[0], asked[1], entry, blob
+        return asked[0], asked[1], entry, descriptor
+
+    def _send_first(self, conn: socket.socket, entry: Entry, descriptor: int) -> tuple[bytes | None, BinaryIO]:
+        """Send the head and first bytes without waiting: (what the socket did not take, or None when
+        the blob could not be read; the blob, which owns the descriptor, positioned after them)."""
+        try:
+            body = os.pread(descriptor, min(entry.size, wire.FIRST_BYTES), 0)
+        except OSError:  # the disk's trouble: the sending ends at once
+            return None, open(descriptor, "rb", buffering=0)
+        first = self._head(entry) + body
+        unsent = first[_send_now(conn, first):]
+        blob = open(descriptor, "rb", buffering=0)  # noqa: SIM115 (made after the send: its fstat waits)
+        blob.seek(len(body))
+        return unsent, blob
 
     def _head(self, entry: Entry) -> bytes:
         return _head_before_date(entry) + self._date.now() + _HEAD_AFTER_DATE
@@ -166,7 +178,7 @@ def _send_now(conn: socket.socket, data: bytes) -> int:
     """Send what the socket takes without waiting (the head and first bytes: one segment, before
     the loop runs again); how many bytes it took."""
     try:
-        return conn.send(data)
+        return conn.send(data, socket.MSG_DONTWAIT)
     except OSError:  # full, or the client left: the rest of the sending finds out which
         return 0
 
