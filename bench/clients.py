@@ -86,16 +86,17 @@ class FirstByte:
 FIRST_BYTE_BATCH = 20  # samples of one server before the next server's turn
 
 
-def first_bytes(urls: list[str], samples: int) -> dict[str, list[FirstByte]]:
+def first_bytes(urls: list[str], samples: int, cpus: set[int] | None = None) -> dict[str, list[FirstByte]]:
     """`samples` GETs of each url one after another, each on a new connection, as urllib makes them;
     each hangs up after the first body byte. The urls take turns, FIRST_BYTE_BATCH samples at a time,
-    so a drift in the machine's state (another process's burst, the CPUs' placement) falls on all of
-    them alike. Run in a process of their own, like every client here."""
-    script = ("import json,sys\nfrom dataclasses import asdict\nfrom bench.clients import _first_bytes\n"
+    so a drift in the machine's state (another process's burst) falls on all of them alike. Run in a
+    process of their own, like every client here, on `cpus` when given."""
+    script = ("import json,os,sys\nfrom dataclasses import asdict\nfrom bench.clients import _first_bytes\n"
+              "os.sched_setaffinity(0, json.loads(sys.argv[1]) or os.sched_getaffinity(0))\n"
               "print(json.dumps({url: [asdict(s) for s in taken] for url, taken in "
-              "_first_bytes(sys.argv[2:], int(sys.argv[1])).items()}))")
-    out = subprocess.run([sys.executable, "-c", script, str(samples), *urls], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout
+              "_first_bytes(sys.argv[3:], int(sys.argv[2])).items()}))")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(sorted(cpus or ())), str(samples), *urls],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return {url: [FirstByte(**sample) for sample in taken] for url, taken in json.loads(out).items()}
 
 

@@ -135,6 +135,33 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
+def pinned(servers: list[Server], cpus: set[int]) -> Iterator[None]:
+    """Every thread of each server (and of its child processes) runs only on `cpus` while the block
+    runs, and anywhere again after."""
+    anywhere = os.sched_getaffinity(0)
+    _set_affinity(servers, cpus)
+    try:
+        yield
+    finally:
+        _set_affinity(servers, anywhere)
+
+
+def _set_affinity(servers: list[Server], cpus: set[int]) -> None:
+    for server in servers:
+        for pid in server.pids():
+            for thread in _threads(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(thread, cpus)
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(thread) for thread in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
 def origin(workdir: Path) -> Iterator[tuple[Origin, Server]]:
     ports = workdir / "origin-ports.json"
     ports.unlink(missing_ok=True)

@@ -27,6 +27,11 @@ from .clients import Fleet
 
 HUBPROXY, NGINX, DIRECT = "hubproxy", "nginx", "direct"
 GB = 1e9
+# Time to first byte is taken on a fixed placement: the client on one CPU, every server on the others.
+# Left to the scheduler, client and server share a CPU in some runs and not in others, and that moves
+# the figure more than the servers differ (nginx: 0.35 ms sharing one, 0.21 ms apart, on 2 cores).
+_CPUS = sorted(os.sched_getaffinity(0))
+CLIENT_CPUS, SERVER_CPUS = ({_CPUS[0]}, set(_CPUS[1:])) if len(_CPUS) > 1 else (None, set(_CPUS))
 
 
 class BenchError(RuntimeError):
@@ -157,7 +162,8 @@ def hit(ctx: Context) -> list[Metric]:
             fleet = _fetch(ctx, server, path, archive, plan.hit_clients)
             many.add(server.name, _gbps(fleet))
             cpu.add(server.name, (server.cpu_seconds() - before) / (fleet.total_bytes / GB))
-        taken = clients.first_bytes([server.url + path for server in servers], plan.ttfb_samples)
+        with harness.pinned(servers, SERVER_CPUS):
+            taken = clients.first_bytes([server.url + path for server in servers], plan.ttfb_samples, CLIENT_CPUS)
         for server in servers:
             first_byte.add(server.name, _median_first_byte_ms(taken[server.url + path], archive))
         gets = ctx.origin_gets(path)

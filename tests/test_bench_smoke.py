@@ -4,9 +4,11 @@ hubproxy and the origin, checking bytes and origin GET counts (never speed)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+from bench.harness import Server, pinned
 from tests.conftest import ROOT
 
 # Rows issue 13 measures hubproxy by, and the servers each must have numbers for (smoke sizes: 3 clients).
@@ -61,3 +63,36 @@ def test_every_scenario_runs_and_checks_its_bytes(tmp_path):
     assert set(report["herd_ttfb_seconds"]) == {"hubproxy", "nginx"}
     assert (out / "herd.png").read_bytes().startswith(b"\x89PNG")
     assert "| HIT |" in table and "## Machine" in table
+
+
+
+# A server with a second thread and a child process, which says "ready" once all three run.
+THREADS_AND_A_CHILD = """
+import subprocess, sys, threading
+threading.Thread(target=sys.stdin.read, daemon=True).start()
+child = subprocess.Popen([sys.executable, "-c", "import sys; print(1, flush=True); sys.stdin.read()"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+child.stdout.readline()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pinning_places_every_thread_of_a_server_and_its_children_and_lets_them_go():
+    """The time-to-first-byte row's fixed placement: a server's threads, its children's too, on the
+    CPUs asked for while pinned; anywhere again after."""
+    anywhere = os.sched_getaffinity(0)
+    one = {min(anywhere)}
+    process = subprocess.Popen([sys.executable, "-c", THREADS_AND_A_CHILD], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        server = Server("s", "http://127.0.0.1:1", process.pid)
+        tasks = [int(task) for pid in server.pids() for task in os.listdir(f"/proc/{pid}/task")]
+        assert len(tasks) >= 3
+        with pinned([server], one):
+            assert {task: os.sched_getaffinity(task) for task in tasks} == dict.fromkeys(tasks, one)
+        assert {task: os.sched_getaffinity(task) for task in tasks} == dict.fromkeys(tasks, anywhere)
+    finally:
+        process.kill()
+        process.wait()
