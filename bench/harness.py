@@ -285,11 +285,13 @@ def issue_leaf(ca_dir: Path, host: str, directory: Path) -> tuple[Path, Path]:
     (same code), written to `directory` as (certificate, key); the key 0600 from its first byte."""
     ca = authority.load(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = leaves._sign(ca, host, key, datetime.datetime.now(datetime.UTC) - authority.CLOCK_SKEW,
-                               leaves.DEFAULT_LIFETIME)
+    certificate = leaves.sign_leaf(ca, host, key, datetime.datetime.now(datetime.UTC) - authority.CLOCK_SKEW,
+                                   leaves.DEFAULT_LIFETIME)
     cert_path, key_path = directory / f"{host}.pem", directory / f"{host}.key"
     write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=PUBLIC, replace=True)
-    write_new(key_path, leaves._key_pem(key, serialization.NoEncryption()), mode=PRIVATE, replace=True)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    write_new(key_path, key_pem, mode=PRIVATE, replace=True)
     return cert_path, key_path
 
 

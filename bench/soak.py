@@ -46,7 +46,8 @@ def figures_markdown(kills: killloop.KillFigures, soak: aborts.SoakFigures, brok
         "hubproxy killed while downloads are under way, restarted on the same cache, checked: bodies served",
         "as complete have the origin's sha256, no temp file survives the restart, index and blobs agree.",
         "",
-        "| kills | where they landed | requests | served whole | wrong bytes | temp files left | index/blob disagreements |",
+        "| kills | where they landed | requests | served whole | wrong bytes | temp files left "
+        "| index/blob disagreements |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {kills.kills} | {landed} | {kills.requests} | {kills.served_whole} | {kills.wrong_bytes} | "
         f"{kills.temp_left} | {kills.disagreements} |",

@@ -92,12 +92,13 @@ class Leaves:
 
     def _issue(self, host: str, now: datetime.datetime) -> Leaf:
         key = ec.generate_private_key(ec.SECP256R1())
-        certificate = _sign(self._ca, host, key, now - CLOCK_SKEW, self._lifetime)
+        certificate = sign_leaf(self._ca, host, key, now - CLOCK_SKEW, self._lifetime)
         return Leaf(host, certificate, _server_context(certificate, key))
 
 
-def _sign(ca: Authority, host: str, key: ec.EllipticCurvePrivateKey, start: datetime.datetime,
-          lifetime: datetime.timedelta) -> x509.Certificate:
+def sign_leaf(ca: Authority, host: str, key: ec.EllipticCurvePrivateKey, start: datetime.datetime,
+              lifetime: datetime.timedelta) -> x509.Certificate:
+    """The CA's leaf for `host` (checked against its constraints by the caller) and `key`'s public half."""
     # A name too long for a CN goes in the SAN alone; RFC 5280 then wants the SAN critical.
     subject = [x509.NameAttribute(NameOID.COMMON_NAME, host)] if len(host) <= _CN_MAX else []
     return (
