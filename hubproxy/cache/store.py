@@ -52,6 +52,26 @@ class Entry:
     pinned: bool = False
 
 
+class BareBlob:
+    """A blob open as a bare descriptor, for when the first bytes are urgent: they are read without
+    a file object, which is made later (its fstat can wait); close() only if as_file() never ran."""
+
+    def __init__(self, descriptor: int):
+        self._descriptor = descriptor
+
+    def read_start(self, count: int) -> bytes:
+        return os.pread(self._descriptor, count, 0)
+
+    def as_file(self, position: int) -> BinaryIO:
+        """The blob as the file object open_blob gives, at `position`; it owns the descriptor now."""
+        blob = open(self._descriptor, "rb", buffering=0)  # noqa: SIM115 (the caller's to close)
+        blob.seek(position)
+        return blob
+
+    def close(self) -> None:
+        os.close(self._descriptor)
+
+
 class Store:
     def __init__(self, root: str | os.PathLike, *, read_only: bool = False, memo_seconds: float = MEMO_SECONDS):
         """read_only: open the index with ReadOnlyIndex and never write (a cache on a read-only
@@ -122,10 +142,10 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def open_blob_descriptor(self, entry: Entry) -> int | None:
-        """open_blob as a bare descriptor (one system call, no file object), which the caller closes."""
+    def open_bare_blob(self, entry: Entry) -> BareBlob | None:
+        """open_blob with one system call and no file object yet (see BareBlob), or None when gone."""
         try:
-            return os.open(self._blob_file(entry.sha256), os.O_RDONLY | os.O_CLOEXEC)
+            return BareBlob(os.open(self._blob_file(entry.sha256), os.O_RDONLY | os.O_CLOEXEC))
         except FileNotFoundError:
             return None
 

@@ -6,9 +6,10 @@ Invariants: a connection is answered here only when its first bytes hold a whole
 `GET <target> HTTP/1.1` with no field but PLAIN_FIELDS (each at most once, printable ASCII),
 Connection: close among them, a target that is a hub handle (never one of the mirror's own
 routes) cached now, and a connection table with room (a drain closes the door as it begins, so
-no quick answer starts during one); a declined connection has had nothing read from it; the
-response is byte for byte the head aiohttp's path sends (hits.py's headers, then Date, Server,
-Connection: close) and the blob's bytes, counted, logged and kept from eviction alike
+no quick answer starts during one); nothing here waits on the socket, which the door hands over
+still blocking; a declined connection has had nothing read from it; the response is byte for
+byte the head aiohttp's path sends (hits.py's headers, then Date, Server, Connection: close) and
+the blob's bytes, counted, logged and kept from eviction alike
 (tests/test_quick_hits_match_the_full_path.py holds both paths to it).
 """
 
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import email.utils
 import functools
-import os
 import re
 import socket
 import time
@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from ..cache.store import Entry
+from ..cache.store import BareBlob, Entry
 from ..handles import FILES_PATH, BadHandle, parse_request_target
 from . import accesslog, wire
 from .components import METRICS, SERVING, STORE
@@ -88,13 +88,13 @@ class QuickHits:
         found = self._cached_archive_asked(conn)
         if found is None:
             return False
-        target, head_length, entry, descriptor = found
+        target, head_length, entry, bare = found
         sending = _Sending(conn)
         if not self._table.admit(sending):
-            os.close(descriptor)
+            bare.close()
             return False  # aiohttp's path answers the 503
         self._table.busy(sending)
-        unsent, blob = self._send_first(conn, entry, descriptor)
+        unsent, blob = self._send_first(conn, entry, bare)
         conn.setblocking(False)
         with contextlib.suppress(OSError):  # a reset: the sending finds out
             conn.recv(head_length)  # the head, peeked whole before (read now, after the answer's start)
@@ -109,32 +109,30 @@ class QuickHits:
             self._send(sending, held, blob, entry, unsent, target.partition("?")[0], peer, started))
         return True
 
-    def _cached_archive_asked(self, conn: socket.socket) -> tuple[str, int, Entry, int] | None:
-        """(target, head length, entry, its blob's open descriptor) when the connection's first bytes
-        are a plain close-after GET of a cached archive; None, having read nothing."""
+    def _cached_archive_asked(self, conn: socket.socket) -> tuple[str, int, Entry, BareBlob] | None:
+        """(target, head length, entry, its blob open bare) when the connection's first bytes are a
+        plain close-after GET of a cached archive; None, having read nothing."""
         try:
             asked = plain_close_get(conn.recv(MAX_HEAD + 4, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
             return None
         key = hub_key(asked[0]) if asked else None
         entry = self._store.lookup(key) if key else None
-        descriptor = self._store.open_blob_descriptor(entry) if entry else None
-        if descriptor is None:
+        bare = self._store.open_bare_blob(entry) if entry else None
+        if bare is None:
             return None  # aiohttp's path answers, and forgets an entry whose blob is gone
-        return asked[0], asked[1], entry, descriptor
+        return asked[0], asked[1], entry, bare
 
-    def _send_first(self, conn: socket.socket, entry: Entry, descriptor: int) -> tuple[bytes | None, BinaryIO]:
+    def _send_first(self, conn: socket.socket, entry: Entry, bare: BareBlob) -> tuple[bytes | None, BinaryIO]:
         """Send the head and first bytes without waiting: (what the socket did not take, or None when
-        the blob could not be read; the blob, which owns the descriptor, positioned after them)."""
+        the blob could not be read; the blob as a file, positioned after them)."""
         try:
-            body = os.pread(descriptor, min(entry.size, wire.FIRST_BYTES), 0)
+            body = bare.read_start(min(entry.size, wire.FIRST_BYTES))
         except OSError:  # the disk's trouble: the sending ends at once
-            return None, open(descriptor, "rb", buffering=0)
+            return None, bare.as_file(0)
         first = self._head(entry) + body
         unsent = first[_send_now(conn, first):]
-        blob = open(descriptor, "rb", buffering=0)  # noqa: SIM115 (made after the send: its fstat waits)
-        blob.seek(len(body))
-        return unsent, blob
+        return unsent, bare.as_file(len(body))
 
     def _head(self, entry: Entry) -> bytes:
         return _head_before_date(entry) + self._date.now() + _HEAD_AFTER_DATE
