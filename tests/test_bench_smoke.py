@@ -65,7 +65,6 @@ def test_every_scenario_runs_and_checks_its_bytes(tmp_path):
     assert "| HIT |" in table and "## Machine" in table
 
 
-
 # A server with a second thread and a child process, which says "ready" once all three run.
 THREADS_AND_A_CHILD = """
 import subprocess, sys, threading

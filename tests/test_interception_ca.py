@@ -441,8 +441,8 @@ def test_the_fallback_without_memfd_serves_the_leaf_and_leaves_no_file_behind(ca
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where that temp file is made
     (tmp_path / "tmp").mkdir()
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = leaves_module.sign_leaf(ca, "tfhub.dev", key, datetime.datetime.now(UTC) - datetime.timedelta(hours=1),
-                                          leaves_module.DEFAULT_LIFETIME)
+    an_hour_ago = datetime.datetime.now(UTC) - datetime.timedelta(hours=1)
+    certificate = leaves_module.sign_leaf(ca, "tfhub.dev", key, an_hour_ago, leaves_module.DEFAULT_LIFETIME)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
     leaves_module._load_from_encrypted_temp_file(context, certificate.public_bytes(serialization.Encoding.PEM), key)
