@@ -1,6 +1,7 @@
 """The servers a benchmark compares, each a real process on 127.0.0.1: the origin emulator, hubproxy,
 and nginx (Debian package) as a proxy_cache mirror of the same origin, over HTTP and, with a leaf
-from hubproxy's interception CA, over TLS; plus /proc readings.
+from hubproxy's interception CA, over TLS; a Python server doing no HTTP work (floor_server.py);
+plus /proc readings.
 
 Invariants: every server listens on loopback only; every process started here is stopped by the
 context manager that started it; nothing here measures, it only starts, stops and reads.
@@ -250,6 +251,21 @@ NGINX_TLS_SERVER = """\
 
 # The host nginx's TLS server presents a certificate for: where hub archives are served from.
 TLS_HOST = "storage.googleapis.com"
+
+
+@contextlib.contextmanager
+def floor(archive: Path) -> Iterator[Server]:
+    """bench/floor_server.py answering every GET with archive: the interpreter's floor for the time to
+    a hit's first byte (a server on asyncio doing no HTTP work)."""
+    process = subprocess.Popen([sys.executable, "-m", "bench.floor_server", str(archive)], stdout=subprocess.PIPE,
+                               text=True, cwd=ROOT)
+    try:
+        line = process.stdout.readline()
+        if "listening on " not in line:
+            raise SetupError("the floor server did not start")
+        yield Server("floor", line.split("listening on ")[1].split()[0], process.pid)
+    finally:
+        stop_process(process)
 
 
 @contextlib.contextmanager

@@ -150,6 +150,9 @@ def hit(ctx: Context) -> list[Metric]:
     cpu = Metric("HIT", f"server CPU per GB served, {plan.hit_clients} clients", "CPU-s/GB")
     first_byte = Metric("HIT", "time to first byte, 1 client (new connection each)", "ms",
                         target=Target("<=", 1.0, NGINX))
+    over_floor = Metric("HIT", "time to first byte ÷ the interpreter's floor (bench/floor_server.py: no HTTP work)",
+                        "×")
+    floor_over_nginx = Metric("HIT", "the interpreter's floor ÷ nginx, time to first byte", "×")
     tls = Metric("HIT", "throughput over TLS, 1 client", "GB/s", target=Target(">=", 1.0, NGINX))
     tls_cost = Metric("HIT", "intercepted TLS hit ÷ plain HTTP hit, 1 client", "×")
     servers = [ctx.hubproxy, ctx.nginx, ctx.direct]
@@ -162,17 +165,21 @@ def hit(ctx: Context) -> list[Metric]:
             fleet = _fetch(ctx, server, path, archive, plan.hit_clients)
             many.add(server.name, _gbps(fleet))
             cpu.add(server.name, (server.cpu_seconds() - before) / (fleet.total_bytes / GB))
-        with harness.pinned(servers, SERVER_CPUS):
-            taken = clients.first_bytes([server.url + path for server in servers], plan.ttfb_samples, CLIENT_CPUS)
+        with harness.floor(archive) as floor, harness.pinned([*servers, floor], SERVER_CPUS):
+            urls = [server.url + path for server in (*servers, floor)]
+            taken = clients.first_bytes(urls, plan.ttfb_samples, CLIENT_CPUS)
+        ms = {url: _median_first_byte_ms(taken[url], archive) for url in urls}
         for server in servers:
-            first_byte.add(server.name, _median_first_byte_ms(taken[server.url + path], archive))
+            first_byte.add(server.name, ms[server.url + path])
+        over_floor.add(HUBPROXY, ms[ctx.hubproxy.url + path] / ms[floor.url + path])
+        floor_over_nginx.add(HUBPROXY, ms[floor.url + path] / ms[ctx.nginx.url + path])
         gets = ctx.origin_gets(path)
         for server in ctx.proxies():
             tls.add(server.name, _gbps(_fetch_over_tls(ctx, server, path, archive)))
         if ctx.origin_gets(path) != gets:
             raise BenchError("a proxy fetched over TLS an archive it had cached over HTTP")
         tls_cost.add(HUBPROXY, tls.samples[HUBPROXY][-1] / one.samples[HUBPROXY][-1])
-    return [one, many, cpu, first_byte, tls, tls_cost]
+    return [one, many, cpu, first_byte, over_floor, floor_over_nginx, tls, tls_cost]
 
 
 def _gbps(fleet: Fleet) -> float:

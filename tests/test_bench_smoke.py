@@ -14,6 +14,8 @@ from tests.conftest import ROOT
 # Rows issue 13 measures hubproxy by, and the servers each must have numbers for (smoke sizes: 3 clients).
 ROWS_ISSUE_13_ASKS_FOR = {
     "time to first byte, 1 client (new connection each)": {"hubproxy", "nginx", "direct"},
+    "time to first byte ÷ the interpreter's floor (bench/floor_server.py: no HTTP work)": {"hubproxy"},
+    "the interpreter's floor ÷ nginx, time to first byte": {"hubproxy"},
     "throughput, 3 clients": {"hubproxy", "nginx", "direct"},
     "throughput over TLS, 1 client": {"hubproxy", "nginx"},
     "intercepted TLS hit ÷ plain HTTP hit, 1 client": {"hubproxy"},
