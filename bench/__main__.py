@@ -29,7 +29,7 @@ def _size(ctx, param, value):
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "out", show_default=True,
               help="Where results.md, results.json and herd.png go.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--workdir", type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
               help="Scratch space for archives and caches (needs ~3× the largest size free).")
 @click.option("--only", default=",".join(scenarios.SCENARIOS), show_default=True, help="Scenarios to run.")
 @click.option("--reps", type=int, help="Repetitions per measurement.  [default: 3]")

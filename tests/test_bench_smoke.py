@@ -97,3 +97,12 @@ def test_pinning_places_every_thread_of_a_server_and_its_children_and_lets_them_
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_missing_workdir_is_named_in_one_line(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--workdir", str(missing)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not missing.exists()
