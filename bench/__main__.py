@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent
 
 SMOKE = dict(reps=1, verify=True, hit_size=3 << 20, hit_clients=3, miss_size=3 << 20, herd_size=6 << 20,
              herd_clients=4, herd_rate=20_000_000, memory_size=4 << 20, memory_clients=3, small_seconds=1,
-             index_entries=500, ttfb_samples=20)
+             index_entries=500, ttfb_samples=20, single_client_pairs=2)
 
 
 def _size(ctx, param, value):
